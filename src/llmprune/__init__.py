@@ -1,0 +1,23 @@
+"""llmprune: one-shot pruning of large language models, with numbers you can trust.
+
+Public API::
+
+    import llmprune
+    result = llmprune.prune("smollm2-135m", method="wanda", sparsity=0.5, eval="wikitext2",
+                            data_dir="../shared/data", output="runs/wanda50")
+    llmprune.evaluate("runs/wanda50", datasets="wikitext2", data_dir="../shared/data")
+"""
+
+from __future__ import annotations
+
+import logging
+
+from .api import PruneResult, evaluate, load, prune
+from .errors import LLMPruneError
+from .methods import METHODS
+from .recipe import Recipe, load_recipe
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__version__ = "0.1.0"
+__all__ = ["METHODS", "LLMPruneError", "PruneResult", "Recipe", "evaluate", "load", "load_recipe", "prune"]

@@ -1,0 +1,259 @@
+"""The Python API: ``prune`` and ``evaluate``. The CLI is a shell around these two functions."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+
+from .data.sources import TextSource, resolve, resolve_data_dir
+from .data.tokens import calibration_windows, evaluation_tokens
+from .engine.engine import run_layerwise
+from .errors import LLMPruneError
+from .eval.perplexity import perplexity
+from .io.save import check_output_dir, save_run
+from .methods import METHODS, Method
+from .models.loading import load_model, pick_device
+from .models.view import ModelView, check_finite_weights, check_not_tied, model_view
+from .recipe import Recipe, build_recipe
+from .report import param_count, peak_rss_mb, sparsity_report, versions
+from .sparsity.patterns import Pattern, parse_pattern
+
+log = logging.getLogger(__name__)
+
+# API keyword -> recipe field (the CLI flags map to the same names).
+FIELD_NAMES = {
+    "model": "model.name",
+    "dtype": "model.dtype",
+    "device": "model.device",
+    "method": "method.name",
+    "sparsity": "method.sparsity",
+    "pattern": "method.pattern",
+    "calib_dataset": "calib.dataset",
+    "nsamples": "calib.nsamples",
+    "seqlen": "calib.seqlen",
+    "seed": "calib.seed",
+    "batch_size": "calib.batch_size",
+    "eval": "eval.datasets",
+    "eval_seqlen": "eval.seqlen",
+    "eval_windows": "eval.windows",
+    "eval_dense": "eval.dense",
+    "data_dir": "data_dir",
+    "output": "output",
+    "overwrite": "overwrite",
+}
+
+
+@dataclass
+class PruneResult:
+    model: Any
+    tokenizer: Any
+    report: dict[str, Any]
+    output: Path | None = None
+    layer_reports: list[dict[str, Any]] = field(default_factory=list)
+
+
+def fields_from_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(kwargs) - set(FIELD_NAMES) - {"method_options"}
+    if unknown:
+        raise LLMPruneError(f"unknown argument(s) {sorted(unknown)}; known: {sorted(FIELD_NAMES)} and method_options")
+    fields = {FIELD_NAMES[k]: v for k, v in kwargs.items() if k in FIELD_NAMES}
+    if isinstance(fields.get("eval.datasets"), str):
+        fields["eval.datasets"] = [d.strip() for d in fields["eval.datasets"].split(",") if d.strip()]
+    for key, value in (kwargs.get("method_options") or {}).items():
+        fields[f"method.{key}"] = value
+    return fields
+
+
+def resolve_method(recipe: Recipe) -> tuple[Method, Pattern]:
+    """The method instance and pattern a recipe asks for, all options checked."""
+    cls = METHODS.get(recipe.method.name)
+    try:
+        options = cls.Options(**recipe.method.options)
+    except ValidationError as exc:
+        problems = "; ".join(f"method.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        fields = ", ".join(cls.Options.model_fields) or "none"
+        raise LLMPruneError(f"invalid options for method {cls.name}: {problems} (its options: {fields})") from None
+    pattern = parse_pattern(recipe.method.pattern, recipe.method.sparsity, scope=getattr(options, "scope", "row"))
+    return cls(pattern, options), pattern
+
+
+def resolved_recipe(recipe: Recipe, method: Method, pattern: Pattern) -> dict[str, Any]:
+    data = recipe.to_dict()
+    data["method"] = {
+        "name": method.name,
+        "sparsity": pattern.sparsity,
+        "pattern": f"{pattern.n}:{pattern.m}" if pattern.is_nm else "unstructured",
+        **method.options.model_dump(mode="json"),
+    }
+    return data
+
+
+def _eval_sources(recipe: Recipe) -> list[TextSource]:
+    return [resolve(d, "evaluation", recipe.data_dir) for d in recipe.eval.datasets]
+
+
+def _evaluate_all(model: Any, tokens: dict[str, torch.Tensor], recipe: Recipe, device: torch.device, progress: bool, tag: str) -> dict[str, Any]:
+    return {
+        name: perplexity(
+            model, ids, seqlen=recipe.eval.seqlen, windows=recipe.eval.windows, device=device,
+            progress=progress, desc=f"{tag} {name} ppl",
+        )
+        for name, ids in tokens.items()
+    }
+
+
+def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Path | dict[str, Any] | None = None,
+          progress: bool = False, **kwargs: Any) -> PruneResult:
+    """Prune a model in one shot and (optionally) evaluate and save it.
+
+    ``model`` is a name (Hub id, folder, ``.gguf`` file, ``smollm2-135m``) or an in-memory
+    ``PreTrainedModel`` (then pass ``tokenizer``). Keyword arguments mirror the CLI flags
+    (``method``, ``sparsity``, ``pattern``, ``calib_dataset``, ``nsamples``, ``seqlen``, ``seed``,
+    ``eval``, ``eval_seqlen``, ``eval_windows``, ``data_dir``, ``output``, ``overwrite``) and
+    ``method_options={...}`` sets method fields. Everything is validated before any work is done.
+    """
+    t_start = time.perf_counter()
+    base: dict[str, Any] = {}
+    if isinstance(recipe, Recipe):
+        base = recipe.to_dict()
+    elif isinstance(recipe, dict):
+        base = recipe
+    elif recipe is not None:
+        from .recipe import load_recipe_dict
+
+        base = load_recipe_dict(recipe)
+    in_memory = model is not None and not isinstance(model, (str, Path))
+    if model is not None and not in_memory:
+        kwargs["model"] = str(model)
+    rec = build_recipe(base, fields_from_kwargs(kwargs))
+    if in_memory and tokenizer is None and (rec.eval.datasets or rec.output or METHODS.get(rec.method.name).needs_calibration):
+        raise LLMPruneError("pass tokenizer= along with an in-memory model")
+
+    # --- everything a user can get wrong is checked here, before loading or computing anything
+    method, pattern = resolve_method(rec)
+    if rec.output is not None:
+        check_output_dir(rec.output, rec.overwrite)
+    resolve_data_dir(rec.data_dir)
+    calib_source = resolve(rec.calib.dataset, "calibration", rec.data_dir) if method.needs_calibration else None
+    eval_sources = _eval_sources(rec)
+    for src in eval_sources:
+        if calib_source is not None and src.key == calib_source.key:
+            raise LLMPruneError(
+                f"calibration and evaluation would both read {src.key}; never calibrate on the evaluated "
+                f"split (choose another --calib-dataset)"
+            )
+    device = pick_device(rec.model.device)
+
+    t0 = time.perf_counter()
+    if in_memory:
+        net, tok = model, tokenizer
+    else:
+        net, tok = load_model(rec.model.name, rec.model.dtype, rec.model.device)
+    load_s = time.perf_counter() - t0
+    view = model_view(net)
+    method.validate(view)
+    check_not_tied(view)
+    check_finite_weights(view)
+
+    t0 = time.perf_counter()
+    calib_ids = None
+    if calib_source is not None:
+        calib_ids = calibration_windows(tok, calib_source, rec.calib.nsamples, rec.calib.seqlen, rec.calib.seed)
+    eval_tokens = {src.name if src.name != "file" else Path(src.path).stem: evaluation_tokens(tok, src) for src in eval_sources}
+    data_s = time.perf_counter() - t0
+
+    report: dict[str, Any] = {"model": rec.model.name if not in_memory else type(net).__name__}
+    timings: dict[str, float] = {"load_s": load_s, "data_s": data_s}
+    if eval_tokens and rec.eval.dense:
+        t0 = time.perf_counter()
+        report["eval_dense"] = _evaluate_all(net, eval_tokens, rec, device, progress, "dense")
+        timings["eval_dense_s"] = time.perf_counter() - t0
+
+    cache_device = torch.device("cpu") if rec.calib.offload else device
+    t0 = time.perf_counter()
+    layer_reports = run_layerwise(view, method, calib_ids, device=device, cache_device=cache_device,
+                                  batch_size=rec.calib.batch_size, progress=progress)
+    timings["prune_s"] = time.perf_counter() - t0
+
+    sparsity = sparsity_report(view, pattern)
+    if eval_tokens:
+        t0 = time.perf_counter()
+        report["eval"] = _evaluate_all(net, eval_tokens, rec, device, progress, "pruned")
+        timings["eval_s"] = time.perf_counter() - t0
+    timings["total_s"] = time.perf_counter() - t_start
+
+    report.update(
+        {
+            "method": method.name,
+            "recipe": resolved_recipe(rec, method, pattern),
+            "calibration": None if calib_source is None else {
+                **calib_source.describe(), "nsamples": rec.calib.nsamples, "seqlen": rec.calib.seqlen,
+                "seed": rec.calib.seed, "tokens": int(calib_ids.numel()) if calib_ids is not None else 0,
+            },
+            "evaluation_data": {s.name: s.describe() for s in eval_sources},
+            "sparsity": sparsity,
+            "params": {"total": param_count(net), "pruned_linears": sparsity["weights"]},
+            "layers": layer_reports,
+            "timings": {k: round(v, 3) for k, v in timings.items()},
+            "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
+            "device": str(device),
+            "versions": versions(),
+        }
+    )
+    out_path = None
+    if rec.output is not None:
+        out_path = save_run(net, tok, report, rec.output, overwrite=rec.overwrite)
+        log.info("saved %s", out_path)
+    return PruneResult(net, tok, report, out_path, layer_reports)
+
+
+def evaluate(model: Any, *, tokenizer: Any = None, datasets: str | list[str] = "wikitext2", seqlen: int = 2048,
+             windows: int | None = None, data_dir: str | None = None, dtype: str = "auto", device: str = "auto",
+             progress: bool = False) -> dict[str, Any]:
+    """Perplexity of a model (name, folder or in-memory model) on each dataset; returns a report dict."""
+    rec = build_recipe(fields={
+        "eval.datasets": [d.strip() for d in datasets.split(",")] if isinstance(datasets, str) else list(datasets),
+        "eval.seqlen": seqlen, "eval.windows": windows, "data_dir": data_dir,
+        "model.dtype": dtype, "model.device": device,
+        **({"model.name": str(model)} if isinstance(model, (str, Path)) else {}),
+    })
+    if not rec.eval.datasets:
+        raise LLMPruneError("name at least one evaluation dataset (wikitext2, c4 or a file)")
+    sources = _eval_sources(rec)
+    dev = pick_device(rec.model.device)
+    if isinstance(model, (str, Path)):
+        net, tok = load_model(str(model), rec.model.dtype, rec.model.device)
+    else:
+        if tokenizer is None:
+            raise LLMPruneError("pass tokenizer= along with an in-memory model")
+        net, tok = model, tokenizer
+    net.to(dev)
+    tokens = {src.name if src.name != "file" else Path(src.path).stem: evaluation_tokens(tok, src) for src in sources}
+    t0 = time.perf_counter()
+    results = _evaluate_all(net, tokens, rec, dev, progress, "eval")
+    view: ModelView | None
+    try:
+        view = model_view(net)
+    except LLMPruneError:
+        view = None
+    return {
+        "model": str(model) if isinstance(model, (str, Path)) else type(net).__name__,
+        "eval": results,
+        "evaluation_data": {s.name: s.describe() for s in sources},
+        "sparsity": None if view is None else {"overall": sparsity_report(view)["overall"]},
+        "params": {"total": param_count(net)},
+        "timings": {"eval_s": round(time.perf_counter() - t0, 3)},
+        "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
+        "versions": versions(),
+    }
+
+
+def load(path: str | Path, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any]:
+    """Load a model saved by llmprune (or any model): returns (model, tokenizer)."""
+    return load_model(str(path), dtype, device)

@@ -1,0 +1,196 @@
+"""``llmprune`` command line: parses flags into a recipe and calls the API. Nothing else lives here."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import LLMPruneError
+
+app = typer.Typer(no_args_is_help=True, add_completion=False, help="One-shot pruning of large language models.")
+console = Console(stderr=False)
+err = Console(stderr=True)
+
+
+def _fail(exc: Exception) -> None:
+    err.print(f"[bold red]error:[/bold red] {exc}", highlight=False)
+    raise typer.Exit(2)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("httpx", "huggingface_hub", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _ppl_table(title: str, report: dict[str, Any]) -> Table:
+    table = Table(title=title)
+    table.add_column("dataset")
+    table.add_column("seqlen", justify="right")
+    table.add_column("windows", justify="right")
+    has_dense = "eval_dense" in report
+    if has_dense:
+        table.add_column("dense ppl", justify="right")
+    table.add_column("ppl" if not has_dense else "pruned ppl", justify="right")
+    for name, res in report.get("eval", {}).items():
+        row = [name, str(res["seqlen"]), f"{res['windows']}/{res['windows_available']}"]
+        if has_dense:
+            row.append(f"{report['eval_dense'][name]['ppl']:.3f}")
+        row.append(f"{res['ppl']:.3f}")
+        table.add_row(*row)
+    return table
+
+
+@app.command()
+def prune(
+    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local folder, .gguf file or smollm2-135m"),
+    method: Optional[str] = typer.Option(None, "--method", help="see `llmprune methods`"),
+    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="fraction of weights to remove, in [0, 1)"),
+    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M (keep N of every M), e.g. 2:4"),
+    output: Optional[str] = typer.Option(None, "--output", help="folder to write the pruned model into"),
+    calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="c4, wikitext2 or a local file"),
+    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="calibration windows"),
+    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="calibration window length in tokens"),
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local mirror of the datasets (or LLMPRUNE_DATA_DIR)"),
+    eval_: Optional[str] = typer.Option(None, "--eval", help="perplexity datasets, comma-separated: wikitext2,c4"),
+    eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen"),
+    eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="evaluate only the first N windows"),
+    eval_dense: Optional[bool] = typer.Option(None, "--eval-dense/--no-eval-dense", help="also evaluate before pruning"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe; flags and --set override it"),
+    set_: Optional[list[str]] = typer.Option(None, "--set", help="override any recipe field: key=value"),
+    dtype: Optional[str] = typer.Option(None, "--dtype"),
+    device: Optional[str] = typer.Option(None, "--device"),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="calibration windows per forward"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Prune a model and report sparsity, perplexity, time and memory."""
+    _setup_logging(verbose)
+    from .api import fields_from_kwargs
+    from .api import prune as api_prune
+    from .recipe import build_recipe, load_recipe_dict, parse_set
+
+    try:
+        base = load_recipe_dict(recipe) if recipe else {}
+        flags = {
+            "model": model, "method": method, "sparsity": sparsity, "pattern": pattern, "output": output,
+            "calib_dataset": calib_dataset, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
+            "data_dir": data_dir, "eval": eval_, "eval_seqlen": eval_seqlen, "eval_windows": eval_windows,
+            "eval_dense": eval_dense, "overwrite": overwrite or None, "dtype": dtype, "device": device,
+            "batch_size": batch_size,
+        }
+        rec = build_recipe(base, fields_from_kwargs(flags), parse_set(set_))
+        result = api_prune(recipe=rec, progress=True)
+    except LLMPruneError as exc:
+        _fail(exc)
+        return
+    rep = result.report
+    console.print(_ppl_table(f"{rep['method']} on {rep['model']}", rep))
+    summary = Table(show_header=False)
+    summary.add_row("sparsity (decoder linears)", f"{rep['sparsity']['overall']:.4f}")
+    if "nm_valid" in rep["sparsity"]:
+        summary.add_row(f"{rep['sparsity']['pattern']} valid", str(rep["sparsity"]["nm_valid"]))
+    summary.add_row("parameters", f"{rep['params']['total']:,}")
+    summary.add_row("prune time", f"{rep['timings']['prune_s']:.1f} s")
+    summary.add_row("peak RSS", f"{rep['memory']['peak_rss_mb']:.0f} MB")
+    summary.add_row("output", str(result.output) if result.output else "(not saved; pass --output)")
+    console.print(summary)
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = typer.Option(..., "--model", help="model name or pruned run folder"),
+    eval_: str = typer.Option("wikitext2", "--eval", help="comma-separated: wikitext2,c4 or a file"),
+    eval_seqlen: int = typer.Option(2048, "--eval-seqlen"),
+    eval_windows: Optional[int] = typer.Option(None, "--eval-windows"),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report to this file"),
+    dtype: str = typer.Option("auto", "--dtype"),
+    device: str = typer.Option("auto", "--device"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Perplexity of a model or a pruned run folder."""
+    _setup_logging(verbose)
+    from .api import evaluate
+    from .io.save import write_json_atomic
+
+    try:
+        rep = evaluate(model, datasets=eval_, seqlen=eval_seqlen, windows=eval_windows, data_dir=data_dir,
+                       dtype=dtype, device=device, progress=True)
+    except LLMPruneError as exc:
+        _fail(exc)
+        return
+    console.print(_ppl_table(f"{model}", rep))
+    if rep.get("sparsity"):
+        console.print(f"sparsity (decoder linears): {rep['sparsity']['overall']:.4f}")
+    if json_out:
+        write_json_atomic(json_out, rep)
+        console.print(f"report written to {json_out}")
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="model name, folder or .gguf"),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Show the decoder layers, attention types and linear roles llmprune finds in a model."""
+    _setup_logging(False)
+    from .models.loading import load_model
+    from .models.view import model_view
+
+    try:
+        net, _ = load_model(model, "float32", "cpu")
+        desc = model_view(net).describe()
+    except LLMPruneError as exc:
+        _fail(exc)
+        return
+    if as_json:
+        console.print_json(json.dumps(desc))
+        return
+    console.print(f"[bold]{desc['class']}[/bold] ({desc['model_type']}), {desc['num_layers']} layers at {desc['layers_path']}")
+    types = desc["attention_types"]
+    assert isinstance(types, list)
+    console.print("attention types: " + ", ".join(f"{t} x{types.count(t)}" for t in dict.fromkeys(types)))
+    table = Table(title="linears of layer 0")
+    table.add_column("name")
+    table.add_column("role")
+    table.add_column("shape (out, in)")
+    roles, shapes = desc["roles"], desc["shapes"]
+    assert isinstance(roles, dict) and isinstance(shapes, dict)
+    for name, role in roles.items():
+        table.add_row(name, role, str(tuple(shapes[name])))
+    console.print(table)
+
+
+@app.command()
+def methods() -> None:
+    """List the registered methods and their options."""
+    from .methods import METHODS
+
+    table = Table(title="methods")
+    table.add_column("name")
+    table.add_column("calibration")
+    table.add_column("options (default)")
+    table.add_column("summary")
+    for name in METHODS.names():
+        cls = METHODS.get(name)
+        opts = ", ".join(f"{k}={f.default!r}" for k, f in cls.Options.model_fields.items()) or "-"
+        table.add_row(name, cls.stats or "none", opts, cls.summary)
+    console.print(table)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The one layer-by-layer calibration loop and what it needs."""

@@ -1,0 +1,203 @@
+"""The only layer-by-layer loop: capture -> observe -> prune -> propagate.
+
+Methods never loop over layers, register hooks or move tensors between devices; they receive a
+:class:`LayerContext` for one decoder layer at a time. Layer ``i`` is calibrated on the outputs of
+the already pruned layers ``0..i-1`` (the papers' sequential protocol).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from ..errors import LLMPruneError
+from ..models.view import DecoderLayer, ModelView
+from .capture import capture_layer_inputs, move_to
+from .context import calibration_mode
+from .observers import InputStats
+
+if TYPE_CHECKING:
+    from ..methods.base import Method
+
+log = logging.getLogger(__name__)
+
+
+def layer_output(out: Any) -> Tensor:
+    """Decoder layers return a tensor in transformers 5 and a tuple in older code; normalise here only."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+@contextmanager
+def onloaded(module: nn.Module, device: torch.device) -> Iterator[None]:
+    """Keep ``module`` on ``device`` for the block, then put it back where it was."""
+    params = list(module.parameters())
+    home = params[0].device if params else device
+    if home != device:
+        module.to(device)
+    try:
+        yield
+    finally:
+        if home != device:
+            module.to(home)
+
+
+@contextmanager
+def _outside_layers_onloaded(model: nn.Module, layers: nn.ModuleList, device: torch.device) -> Iterator[None]:
+    layer_ids = {id(p) for p in layers.parameters()}
+    moved = [(p, p.data) for p in model.parameters() if id(p) not in layer_ids and p.device != device]
+    moved_buffers = [(b, b.data) for b in model.buffers() if b.device != device]
+    for p, data in moved + moved_buffers:
+        p.data = data.to(device)
+    try:
+        yield
+    finally:
+        for p, data in moved + moved_buffers:
+            p.data = data
+
+
+@dataclass
+class LayerContext:
+    """One decoder layer with its calibration inputs, as a method sees it."""
+
+    layer: DecoderLayer
+    device: torch.device
+    cache_device: torch.device
+    hidden: list[Tensor] = field(default_factory=list)
+    args: list[tuple[Any, ...]] = field(default_factory=list)
+    kwargs: list[dict[str, Any]] = field(default_factory=list)
+    stats: dict[str, InputStats] = field(default_factory=dict)
+
+    @property
+    def num_batches(self) -> int:
+        return len(self.hidden)
+
+    def run_batch(self, b: int, module: nn.Module | None = None) -> Tensor:
+        """Forward calibration batch ``b`` through the layer (on ``device``)."""
+        module = module if module is not None else self.layer.module
+        out = module(
+            self.hidden[b].to(self.device),
+            *move_to(self.args[b], self.device),
+            **move_to(self.kwargs[b], self.device),
+        )
+        return layer_output(out)
+
+    def forward(self) -> list[Tensor]:
+        """Outputs of the layer, as it is now, for every calibration batch (on ``cache_device``)."""
+        outputs = []
+        for b in range(self.num_batches):
+            out = self.run_batch(b)
+            if not torch.isfinite(out).all():
+                raise LLMPruneError(
+                    f"NaN or inf in the output activations of decoder layer {self.layer.index}; "
+                    f"the model overflows in this dtype (try --set model.dtype=float32)"
+                )
+            outputs.append(out.to(self.cache_device))
+        return outputs
+
+    def observe(self, hessian: bool) -> dict[str, InputStats]:
+        """Run the layer once with input statistics collected for every linear.
+
+        Linears that receive the very same input tensor (q/k/v, gate/up) share one statistics
+        object, so X^T X is computed once per distinct input.
+        """
+        stats: dict[str, InputStats] = {}
+        source_of: dict[str, str] = {}
+        live: dict[int, str] = {}  # id(input tensor) -> linear that accumulates it, within one batch
+        keep_alive: list[Tensor] = []
+
+        def make_hook(name: str, linear: nn.Linear) -> Callable[..., None]:
+            def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+                x = args[0]
+                if name in source_of:
+                    return
+                owner = live.get(id(x))
+                if owner is not None and owner != name:
+                    source_of[name] = owner
+                    stats[name] = stats[owner]
+                    return
+                if name not in stats:
+                    stats[name] = InputStats(linear.in_features, hessian=hessian, device=self.device)
+                stats[name].update(x)
+                live[id(x)] = name
+                keep_alive.append(x)
+
+            return hook
+
+        handles = [
+            lin.register_forward_pre_hook(make_hook(name, lin)) for name, lin in self.layer.linears.items()
+        ]
+        try:
+            for b in range(self.num_batches):
+                self.run_batch(b)
+                live.clear()
+                keep_alive.clear()
+        finally:
+            for handle in handles:
+                handle.remove()
+        for name, st in stats.items():
+            if st.nonfinite:
+                raise LLMPruneError(
+                    f"NaN or inf in the input activations of layer {self.layer.index} {name}; "
+                    f"the model overflows in this dtype (try --set model.dtype=float32)"
+                )
+        missing = set(self.layer.linears) - set(stats)
+        if missing:
+            raise LLMPruneError(f"layer {self.layer.index}: linears {sorted(missing)} were never called in forward")
+        return stats
+
+
+def run_layerwise(
+    view: ModelView,
+    method: Method,
+    calib_ids: Tensor | None,
+    *,
+    device: torch.device,
+    cache_device: torch.device | None = None,
+    batch_size: int = 1,
+    progress: bool = False,
+) -> list[dict[str, Any]]:
+    """Prune every decoder layer of ``view`` with ``method``; return one report dict per layer.
+
+    calib_ids: (num_samples, seqlen) token ids, or None for data-free methods.
+    """
+    cache_device = cache_device or device
+    model = view.model
+    reports: list[dict[str, Any]] = []
+    bar = tqdm(view.layers, desc=f"{method.name}: layers", disable=not progress, unit="layer")
+    with calibration_mode(model):
+        if not method.needs_calibration:
+            for layer in bar:
+                with onloaded(layer.module, device):
+                    reports.append(_timed(method, LayerContext(layer, device, cache_device)))
+            return reports
+        if calib_ids is None:
+            raise LLMPruneError(f"method {method.name} needs calibration data")
+        batches = list(calib_ids.split(batch_size))
+        with _outside_layers_onloaded(model, view.layer_list, device):
+            inputs = capture_layer_inputs(model, view.layer_list, batches, device=device, cache_device=cache_device)
+        hidden = inputs.hidden
+        for layer in bar:
+            with onloaded(layer.module, device):
+                ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index], inputs.kwargs[layer.index])
+                if method.stats is not None:
+                    ctx.stats = ctx.observe(hessian=method.stats == "hessian")
+                reports.append(_timed(method, ctx))
+                hidden = ctx.forward()
+            inputs.args[layer.index], inputs.kwargs[layer.index] = [], []  # free what this layer needed
+    return reports
+
+
+def _timed(method: Method, ctx: LayerContext) -> dict[str, Any]:
+    start = time.perf_counter()
+    report = method.prune_layer(ctx)
+    report = {"layer": ctx.layer.index, **report, "time_s": round(time.perf_counter() - start, 4)}
+    log.debug("layer %d pruned: %s", ctx.layer.index, report)
+    return report

@@ -1,0 +1,40 @@
+"""Running input statistics of a linear layer, accumulated in float32.
+
+``update`` takes the layer input of any shape (..., in_features). ``sq_norm`` is the per-column
+sum of squares (Wanda's ||X_j||^2); ``hessian`` is X^T X (SparseGPT's H, up to a constant factor
+that cancels: dampening is relative to the mean diagonal).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+STATS_DTYPE = torch.float32
+
+
+class InputStats:
+    def __init__(self, in_features: int, *, hessian: bool, device: torch.device) -> None:
+        self.in_features = in_features
+        self.tokens = 0
+        self._sq_norm = torch.zeros(in_features, dtype=STATS_DTYPE, device=device)
+        self.hessian: Tensor | None = (
+            torch.zeros(in_features, in_features, dtype=STATS_DTYPE, device=device) if hessian else None
+        )
+        self.nonfinite = False
+
+    @property
+    def sq_norm(self) -> Tensor:
+        """(in_features,) sum over calibration tokens of x_j^2."""
+        return torch.diagonal(self.hessian).clone() if self.hessian is not None else self._sq_norm
+
+    def update(self, x: Tensor) -> None:
+        x = x.detach().reshape(-1, self.in_features).to(STATS_DTYPE)
+        if not torch.isfinite(x).all():
+            self.nonfinite = True
+            return
+        self.tokens += x.shape[0]
+        if self.hessian is not None:
+            self.hessian.addmm_(x.t(), x)
+        else:
+            self._sq_norm.add_(x.pow(2).sum(dim=0))

@@ -1,0 +1,76 @@
+"""Write a pruned model, its tokenizer and ``llmprune.json`` atomically.
+
+Everything is written into a temporary folder beside the destination and moved into place with
+``os.replace``; an existing destination is only replaced with ``overwrite=True``, and then only
+after the new folder is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from ..errors import LLMPruneError
+
+REPORT_NAME = "llmprune.json"
+
+
+def check_output_dir(output: str | os.PathLike[str], overwrite: bool) -> Path:
+    """Fail before any work if ``output`` cannot be written."""
+    path = Path(output).expanduser()
+    if path.exists() and not overwrite:
+        raise LLMPruneError(f"output folder {path} already exists; choose another --output or pass --overwrite")
+    if path.exists() and not path.is_dir():
+        raise LLMPruneError(f"output {path} exists and is not a folder")
+    parent = path.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    if not os.access(parent, os.W_OK):
+        raise LLMPruneError(f"cannot write into {parent}")
+    return path
+
+
+def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, sort_keys=False, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_run(model: Any, tokenizer: Any, report: dict[str, Any], output: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Save model (safetensors), tokenizer and report; the model reloads with plain ``from_pretrained``."""
+    dest = check_output_dir(output, overwrite)
+    tmp = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / REPORT_NAME, report)
+        if dest.exists():
+            old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
+            os.replace(dest, old / "previous")
+            os.replace(tmp, dest)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, dest)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return dest
+
+
+def read_report(folder: str | os.PathLike[str]) -> dict[str, Any]:
+    path = Path(folder) / REPORT_NAME
+    if not path.is_file():
+        raise LLMPruneError(f"{folder} has no {REPORT_NAME}; it is not an llmprune run folder")
+    return json.loads(path.read_text(encoding="utf-8"))

@@ -1,0 +1,8 @@
+"""Pruning methods, one per file, registered by name in :data:`METHODS`."""
+
+from .base import METHODS, Method
+
+# Registration happens on import; keep these explicit.
+from . import magnitude, sparsegpt, wanda  # noqa: E402,F401  isort: skip
+
+__all__ = ["METHODS", "Method"]

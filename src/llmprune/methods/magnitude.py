@@ -1,0 +1,29 @@
+"""Magnitude pruning: remove the smallest |W| (per matrix by default, as in the Wanda paper's baseline)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from ..sparsity.scores import magnitude
+from ..sparsity.select import prune_mask
+from .base import METHODS, Method, MethodOptions, apply_prune_mask_, zero_fraction
+
+
+class MagnitudeOptions(MethodOptions):
+    scope: Literal["matrix", "row"] = "matrix"
+
+
+@METHODS.register("magnitude")
+class Magnitude(Method):
+    name = "magnitude"
+    summary = "smallest |W| removed; data-free baseline"
+    Options = MagnitudeOptions
+    needs_calibration = False
+    stats = None
+
+    def prune_layer(self, ctx: Any) -> dict[str, Any]:
+        out = {}
+        for name, linear in ctx.layer.linears.items():
+            apply_prune_mask_(linear, prune_mask(magnitude(linear.weight), self.pattern))
+            out[name] = zero_fraction(linear)
+        return {"sparsity": out}

@@ -1,0 +1,1 @@
+"""Everything that knows about model architectures lives in this package."""

@@ -1,0 +1,142 @@
+"""Recipes: every value that affects the numbers, as typed data that round-trips through YAML.
+
+Sources merge in this order: defaults < recipe file < explicit CLI flags / API arguments <
+``--set section.key=value`` overrides. Unknown keys and bad values fail at load time. Method
+options live flat under ``method`` (``method.ratio``) and are checked against the chosen method's
+own option schema; the saved recipe has every option resolved, defaults included.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .errors import LLMPruneError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    name: str = "smollm2-135m"
+    dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    device: str = Field("auto", description="compute device: auto, cpu, cuda, cuda:1 ...")
+
+
+class CalibSpec(_Strict):
+    dataset: str = "c4"
+    nsamples: int = Field(128, ge=1)
+    seqlen: int = Field(2048, ge=2)
+    seed: int = 0
+    batch_size: int = Field(1, ge=1, description="calibration windows per forward")
+    offload: bool = Field(False, description="keep cached activations on the CPU when computing on a GPU")
+
+
+class MethodSpec(BaseModel):
+    model_config = ConfigDict(extra="allow", frozen=True)
+    name: str = "wanda"
+    sparsity: float | None = None
+    pattern: str | None = None
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+class EvalSpec(_Strict):
+    datasets: list[str] = Field(default_factory=list)
+    seqlen: int = Field(2048, ge=2)
+    windows: int | None = Field(None, ge=1)
+    dense: bool = Field(True, description="also evaluate the model before pruning")
+
+
+class Recipe(_Strict):
+    model: ModelSpec = ModelSpec()
+    calib: CalibSpec = CalibSpec()
+    method: MethodSpec = MethodSpec()
+    eval: EvalSpec = EvalSpec()
+    data_dir: str | None = None
+    output: str | None = None
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise LLMPruneError(f"cannot set {dotted}: {key} is not a section")
+        node = child
+    node[keys[-1]] = value
+
+
+def parse_set(items: list[str] | None) -> list[tuple[str, Any]]:
+    """Parse ``key=value`` overrides; values are read as YAML (numbers, booleans, lists)."""
+    out = []
+    for item in items or []:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise LLMPruneError(f"--set expects key=value (e.g. method.ratio=0.01), got {item!r}")
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as exc:
+            raise LLMPruneError(f"--set {item!r}: cannot read the value: {exc}") from None
+        out.append((key.strip(), value))
+    return out
+
+
+def load_recipe_dict(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise LLMPruneError(f"recipe file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise LLMPruneError(f"recipe {path} is not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise LLMPruneError(f"recipe {path} must be a mapping of sections (model, calib, method, eval, ...)")
+    return data
+
+
+def build_recipe(
+    base: dict[str, Any] | None = None,
+    fields: dict[str, Any] | None = None,
+    overrides: list[tuple[str, Any]] | None = None,
+) -> Recipe:
+    """Merge a recipe dict, dotted ``fields`` (None values are skipped) and ``--set`` overrides."""
+    data: dict[str, Any] = _deep_copy(base or {})
+    for key, value in (fields or {}).items():
+        if value is not None:
+            set_path(data, key, value)
+    for key, value in overrides or []:
+        set_path(data, key, value)
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
+        )
+        raise LLMPruneError(f"invalid recipe: {problems}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    return build_recipe(load_recipe_dict(path), overrides=parse_set(overrides))
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
