@@ -102,6 +102,27 @@ class LayerContext:
             outputs.append(out.to(self.cache_device))
         return outputs
 
+    def capture_io(self, module: nn.Module) -> list[tuple[tuple[Any, ...], dict[str, Any], Any]]:
+        """Run every batch through the layer; record ``module``'s (args, kwargs, output) per batch.
+
+        Used by methods that work on sub-blocks (attention, MLP) of the layer. Records live on
+        ``cache_device``; the hook is removed before returning.
+        """
+        records: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
+
+        def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
+            records.append(
+                (move_to(args, self.cache_device), move_to(kwargs, self.cache_device), move_to(output, self.cache_device))
+            )
+
+        handle = module.register_forward_hook(hook, with_kwargs=True)
+        try:
+            for b in range(self.num_batches):
+                self.run_batch(b)
+        finally:
+            handle.remove()
+        return records
+
     def observe(self, hessian: bool) -> dict[str, InputStats]:
         """Run the layer once with input statistics collected for every linear.
 

