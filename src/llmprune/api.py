@@ -12,7 +12,7 @@ import torch
 from pydantic import ValidationError
 
 from .data.sources import TextSource, resolve, resolve_data_dir
-from .data.tokens import calibration_windows, evaluation_tokens
+from .data.tokens import calibration_windows, evaluation_tokens, token_hash
 from .engine.engine import run_layerwise
 from .errors import LLMPruneError
 from .eval.perplexity import perplexity
@@ -195,6 +195,7 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
             "calibration": None if calib_source is None else {
                 **calib_source.describe(), "nsamples": rec.calib.nsamples, "seqlen": rec.calib.seqlen,
                 "seed": rec.calib.seed, "tokens": int(calib_ids.numel()) if calib_ids is not None else 0,
+                "tokens_sha256": token_hash(calib_ids) if calib_ids is not None else None,
             },
             "evaluation_data": {s.name: s.describe() for s in eval_sources},
             "sparsity": sparsity,

@@ -6,7 +6,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import typer
 from rich.console import Console
@@ -51,26 +51,26 @@ def _ppl_table(title: str, report: dict[str, Any]) -> Table:
 
 @app.command()
 def prune(
-    model: Optional[str] = typer.Option(None, "--model", help="Hub id, local folder, .gguf file or smollm2-135m"),
-    method: Optional[str] = typer.Option(None, "--method", help="see `llmprune methods`"),
-    sparsity: Optional[float] = typer.Option(None, "--sparsity", help="fraction of weights to remove, in [0, 1)"),
-    pattern: Optional[str] = typer.Option(None, "--pattern", help="N:M (keep N of every M), e.g. 2:4"),
-    output: Optional[str] = typer.Option(None, "--output", help="folder to write the pruned model into"),
-    calib_dataset: Optional[str] = typer.Option(None, "--calib-dataset", help="c4, wikitext2 or a local file"),
-    nsamples: Optional[int] = typer.Option(None, "--nsamples", help="calibration windows"),
-    seqlen: Optional[int] = typer.Option(None, "--seqlen", help="calibration window length in tokens"),
-    seed: Optional[int] = typer.Option(None, "--seed"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="local mirror of the datasets (or LLMPRUNE_DATA_DIR)"),
-    eval_: Optional[str] = typer.Option(None, "--eval", help="perplexity datasets, comma-separated: wikitext2,c4"),
-    eval_seqlen: Optional[int] = typer.Option(None, "--eval-seqlen"),
-    eval_windows: Optional[int] = typer.Option(None, "--eval-windows", help="evaluate only the first N windows"),
-    eval_dense: Optional[bool] = typer.Option(None, "--eval-dense/--no-eval-dense", help="also evaluate before pruning"),
+    model: str | None = typer.Option(None, "--model", help="Hub id, local folder, .gguf file or smollm2-135m"),
+    method: str | None = typer.Option(None, "--method", help="see `llmprune methods`"),
+    sparsity: float | None = typer.Option(None, "--sparsity", help="fraction of weights to remove, in [0, 1)"),
+    pattern: str | None = typer.Option(None, "--pattern", help="N:M (keep N of every M), e.g. 2:4"),
+    output: str | None = typer.Option(None, "--output", help="folder to write the pruned model into"),
+    calib_dataset: str | None = typer.Option(None, "--calib-dataset", help="c4, wikitext2 or a local file"),
+    nsamples: int | None = typer.Option(None, "--nsamples", help="calibration windows"),
+    seqlen: int | None = typer.Option(None, "--seqlen", help="calibration window length in tokens"),
+    seed: int | None = typer.Option(None, "--seed"),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="local mirror of the datasets (or LLMPRUNE_DATA_DIR)"),
+    eval_: str | None = typer.Option(None, "--eval", help="perplexity datasets, comma-separated: wikitext2,c4"),
+    eval_seqlen: int | None = typer.Option(None, "--eval-seqlen"),
+    eval_windows: int | None = typer.Option(None, "--eval-windows", help="evaluate only the first N windows"),
+    eval_dense: bool | None = typer.Option(None, "--eval-dense/--no-eval-dense", help="also evaluate before pruning"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
-    recipe: Optional[Path] = typer.Option(None, "--recipe", help="YAML recipe; flags and --set override it"),
-    set_: Optional[list[str]] = typer.Option(None, "--set", help="override any recipe field: key=value"),
-    dtype: Optional[str] = typer.Option(None, "--dtype"),
-    device: Optional[str] = typer.Option(None, "--device"),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="calibration windows per forward"),
+    recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe; flags and --set override it"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override any recipe field: key=value"),
+    dtype: str | None = typer.Option(None, "--dtype"),
+    device: str | None = typer.Option(None, "--device"),
+    batch_size: int | None = typer.Option(None, "--batch-size", help="calibration windows per forward"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Prune a model and report sparsity, perplexity, time and memory."""
@@ -111,9 +111,9 @@ def eval_cmd(
     model: str = typer.Option(..., "--model", help="model name or pruned run folder"),
     eval_: str = typer.Option("wikitext2", "--eval", help="comma-separated: wikitext2,c4 or a file"),
     eval_seqlen: int = typer.Option(2048, "--eval-seqlen"),
-    eval_windows: Optional[int] = typer.Option(None, "--eval-windows"),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir"),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="write the report to this file"),
+    eval_windows: int | None = typer.Option(None, "--eval-windows"),
+    data_dir: str | None = typer.Option(None, "--data-dir"),
+    json_out: Path | None = typer.Option(None, "--json", help="write the report to this file"),
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
 import resource
 import sys
@@ -64,9 +65,7 @@ def versions() -> dict[str, str]:
 
     out = {"python": platform.python_version(), "torch": torch.__version__}
     for pkg in ("llmprune", "transformers", "safetensors", "accelerate", "gguf", "pyarrow", "huggingface_hub"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     out["torch_threads"] = str(torch.get_num_threads())
     return out

@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""Unstructured and N:M pruning of SmolLM2-135M: llmprune vs llm-compressor, side by side, one run.
+
+Protocol (the issue's): calibration = 32 random 2048-token windows of C4 (seed 0; the local mirror's
+C4 documents 0-499), WikiText-2 test perplexity at seqlen 2048 over the first 32 windows
+(``--all-windows`` for all), 50% unstructured and 2:4, float32 on this CPU.
+
+Each pruning run is its own process, so its peak RSS is its own; llmprune is timed around its
+layer-wise loop (``timings.prune_s``) and llm-compressor around its ``oneshot`` call, both after the
+model is loaded. Both receive the very same calibration tokens (checked by hash), and every pruned
+model is evaluated here by the same function. Results are written to JSON after every run, so an
+interrupted benchmark keeps what it measured.
+
+    .venv/bin/python benchmarks/unstructured.py                # ours + peer if .venv-peer exists
+    .venv/bin/python benchmarks/unstructured.py --no-peer --methods wanda --patterns 2:4
+    bash benchmarks/setup_peer.sh                              # once, to enable the peer
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "src"))
+
+from llmprune.data.sources import resolve  # noqa: E402
+from llmprune.data.tokens import calibration_windows, evaluation_tokens, token_hash  # noqa: E402
+from llmprune.eval.perplexity import perplexity  # noqa: E402
+from llmprune.io.save import write_json_atomic  # noqa: E402
+from llmprune.methods import METHODS  # noqa: E402
+from llmprune.models.loading import gguf_to_folder, load_model, resolve_source  # noqa: E402
+from llmprune.report import versions  # noqa: E402
+
+BARBER_PRESETS = {  # LLM-Barber's reference hyper-parameters per initializer
+    "magnitude": {"granularity": "block", "ratio": 0.1},
+    "wanda": {"granularity": "output", "ratio": 0.01},
+    "sparsegpt": {"granularity": "layer", "ratio": 0.1},
+}
+
+
+def run(cmd: list[str], log: Path) -> None:
+    with log.open("w") as fh:
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "src")}
+        proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+
+
+def ours(args: argparse.Namespace, work: Path, method: str, pattern: str, options: dict[str, Any]) -> dict[str, Any]:
+    tag = f"llmprune-{method}-{pattern.replace(':', 'of')}" + "".join(f"-{k}{v}" for k, v in options.items())
+    out = work / tag
+    cmd = [sys.executable, "-m", "llmprune.cli", "prune", "--model", args.model, "--method", method,
+           "--calib-dataset", "c4", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0",
+           "--data-dir", args.data_dir, "--output", str(out), "--overwrite"]
+    cmd += ["--pattern", pattern] if pattern != "unstructured" else ["--sparsity", str(args.sparsity)]
+    for key, value in options.items():
+        cmd += ["--set", f"method.{key}={value}"]
+    run(cmd, work / f"{tag}.log")
+    rep = json.loads((out / "llmprune.json").read_text())
+    return {"tool": "llmprune", "method": method, "pattern": pattern, "options": rep["recipe"]["method"],
+            "prune_s": rep["timings"]["prune_s"], "peak_rss_mb": rep["memory"]["peak_rss_mb"],
+            "sparsity": rep["sparsity"]["overall"], "nm_valid": rep["sparsity"].get("nm_valid"),
+            "calib_hash": rep["calibration"].get("tokens_sha256") if rep["calibration"] else None,
+            "layers": [{k: v for k, v in layer.items() if k != "sparsity"} for layer in rep["layers"]]
+            if method == "barber" else None, "folder": str(out)}
+
+
+def peer(args: argparse.Namespace, work: Path, method: str, pattern: str, calib_file: Path, model_dir: Path) -> dict[str, Any]:
+    tag = f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
+    out, js = work / tag, work / f"{tag}.json"
+    sparsity = args.sparsity if pattern == "unstructured" else 1 - int(pattern.split(":")[0]) / int(pattern.split(":")[1])
+    cmd = [str(args.peer_python), str(REPO / "benchmarks" / "peer_llmcompressor.py"), "--model", str(model_dir),
+           "--calib", str(calib_file), "--method", method, "--sparsity", str(sparsity), "--pattern", pattern,
+           "--output", str(out), "--json", str(js)]
+    run(cmd, work / f"{tag}.log")
+    rep = json.loads(js.read_text())
+    return {"tool": "llmcompressor", "method": method, "pattern": pattern, "options": rep.get("modifier_args"),
+            "prune_s": rep["prune_seconds"], "peak_rss_mb": rep["peak_rss_mb"], "sparsity": rep.get("zero_fraction"),
+            "versions": {k: v for k, v in rep.items() if k.endswith("version") or k == "versions"}, "folder": str(out)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--data-dir", default=os.environ.get("LLMPRUNE_DATA_DIR", str(REPO.parent / "shared" / "data")))
+    ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (up to 128)")
+    ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--eval-windows", type=int, default=32)
+    ap.add_argument("--all-windows", action="store_true")
+    ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,barber")
+    ap.add_argument("--patterns", default="unstructured,2:4")
+    ap.add_argument("--barber-sweep", action="store_true", help="also sweep Barber ratio and granularity on Wanda")
+    ap.add_argument("--no-peer", action="store_true")
+    ap.add_argument("--peer-python", type=Path, default=REPO / ".venv-peer" / "bin" / "python")
+    ap.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "unstructured.json")
+    ap.add_argument("--workdir", type=Path, default=None, help="where pruned models go (default: a temp dir)")
+    args = ap.parse_args()
+    windows = None if args.all_windows else args.eval_windows
+    methods = [m for m in args.methods.split(",") if m in METHODS]
+    patterns = args.patterns.split(",")
+    use_peer = not args.no_peer and args.peer_python.exists()
+
+    work = args.workdir or Path(tempfile.mkdtemp(prefix="llmprune-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    source = resolve_source(args.model)
+    model_dir = gguf_to_folder(source.location) if source.kind in ("builtin", "gguf") else Path(source.location)
+    model, tok = load_model(args.model, "float32", "cpu")
+    calib_src = resolve("c4", "calibration", args.data_dir)
+    calib = calibration_windows(tok, calib_src, args.nsamples, args.seqlen, seed=0)
+    calib_file = work / "calib.safetensors"
+    save_file({"input_ids": calib.contiguous()}, str(calib_file))
+    eval_src = resolve("wikitext2", "evaluation", args.data_dir)
+    eval_ids = evaluation_tokens(tok, eval_src)
+
+    result: dict[str, Any] = {
+        "benchmark": "unstructured", "model": args.model, "model_folder": str(model_dir),
+        "protocol": {"calibration": {**calib_src.describe(), "nsamples": args.nsamples, "seqlen": args.seqlen,
+                                     "seed": 0, "tokens_sha256": token_hash(calib)},
+                     "evaluation": {**eval_src.describe(), "seqlen": 2048, "windows": windows or "all"},
+                     "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
+        "versions": versions(), "runs": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+    def ppl(folder: str | None, net: Any = None) -> dict[str, Any]:
+        from transformers import AutoModelForCausalLM
+
+        net = net if net is not None else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
+        return perplexity(net, eval_ids, seqlen=2048, windows=windows)
+
+    def record(entry: dict[str, Any]) -> None:
+        entry["wikitext2"] = ppl(entry["folder"])
+        result["runs"].append(entry)
+        write_json_atomic(args.output, result)
+        print(f"{entry['tool']:>13} {entry['method']:>10} {entry['pattern']:>12}  ppl {entry['wikitext2']['ppl']:9.3f}  "
+              f"prune {entry['prune_s']:7.1f}s  rss {entry['peak_rss_mb']:6.0f}MB  sparsity {entry['sparsity']}", flush=True)
+
+    result["dense"] = {"wikitext2": ppl(None, model)}
+    write_json_atomic(args.output, result)
+    print(f"dense ppl {result['dense']['wikitext2']['ppl']:.3f}", flush=True)
+    del model
+
+    for pattern in patterns:
+        for method in methods:
+            if method == "barber":
+                for init, preset in BARBER_PRESETS.items():
+                    record(ours(args, work, "barber", pattern, {"init": init, **preset}))
+            else:
+                record(ours(args, work, method, pattern, {}))
+            if use_peer and method in ("wanda", "sparsegpt"):
+                record(peer(args, work, method, pattern, calib_file, model_dir))
+    if args.barber_sweep and "barber" in METHODS:
+        for pattern in patterns:
+            for ratio in (0.001, 0.01, 0.05, 0.1):
+                for gran in ("output", "layer", "block", "input") if pattern == "unstructured" else ("output",):
+                    record(ours(args, work, "barber", pattern, {"init": "wanda", "ratio": ratio, "granularity": gran}))
+    result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+    write_json_atomic(args.output, result)
+
+
+if __name__ == "__main__":
+    main()
