@@ -58,6 +58,9 @@ def sparsegpt_prune(
     """
     w = weight.detach().float().clone()
     rows, cols = w.shape
+    if pattern.m is not None:
+        # N:M groups must not straddle a block: round the block up to a multiple of M.
+        block_size = -(-block_size // pattern.m) * pattern.m
     u = inverse_hessian_factor(hessian, damp)  # (cols, cols), upper
     prune = torch.zeros_like(w, dtype=torch.bool)
 
@@ -78,7 +81,7 @@ def sparsegpt_prune(
                     idx = torch.sort(saliency, dim=1, stable=True).indices[:, :count]
                     mask_blk.scatter_(1, idx, True)
             else:
-                count = int(pattern.sparsity * rows * end) - int(pattern.sparsity * rows * start)
+                count = int(pattern.sparsity * (rows * end)) - int(pattern.sparsity * (rows * start))
                 if count > 0:
                     idx = torch.sort(saliency.flatten(), stable=True).indices[:count]
                     mask_blk.view(-1)[idx] = True

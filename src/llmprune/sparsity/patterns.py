@@ -59,7 +59,7 @@ def parse_pattern(pattern: str | None, sparsity: float | None, scope: Scope = "r
             raise LLMPruneError(f"unknown sparsity scope {scope!r}; use 'row' or 'matrix'")
         return Pattern(float(sparsity), scope=scope)
     parts = str(pattern).split(":")
-    if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
+    if len(parts) != 2 or not all(p.strip().isascii() and p.strip().isdigit() for p in parts):
         raise LLMPruneError(f"cannot read pattern {pattern!r}; write N:M such as 2:4, or 'unstructured'")
     n, m = (int(p) for p in parts)
     if not 0 < n < m:

@@ -1,0 +1,183 @@
+"""LLM-Barber's mask rebuilding rule (Su, Guan et al., arXiv 2408.10631, Sec. 3.3; reference code
+``mask_rebuild`` in ``lib/llama.py`` of github.com/YupengSu/LLM-Barber). Pure tensor code.
+
+``rebuild_mask(prune_mask, scores, ratio, granularity)`` returns a new prune mask (True = prune)
+with the same number of pruned weights in every comparison group. Within one group:
+
+* growth = scores of the currently pruned weights, sorted descending;
+* prune = scores of the currently kept weights, sorted ascending;
+* r = #{k : growth[k] > prune[k]} (the swaps that would raise the total kept score; since growth
+  is non-increasing and prune non-decreasing these are a prefix);
+* the top ``floor(ratio * r)`` pruned weights are regrown and as many lowest-scoring kept weights
+  are pruned.
+
+Comparison groups ("granularity"): ``output`` (each row; the reference default), ``input`` (each
+column), ``layer`` (one matrix), ``block`` (all the matrices passed together; per-matrix
+sparsity may drift, the block total is exact).
+
+N:M (``m`` given): the growth set is chosen as above, then inside each M-group of a row exactly as
+many of the group's lowest-scoring previously kept weights are pruned as were grown in it, so
+every group keeps as many weights as before (exactly N for a valid N:M mask). Regrown weights are
+never pruned again in the same call.
+
+Differences from the reference code, and why:
+
+* Exact counts: the reference picks by thresholds (``score > growth[int(r * ratio)]``), which on
+  ties swaps more or fewer weights than ``floor(ratio * r)`` and can break group sparsity; here
+  the selection is by rank with a stable sort (lower index first among ties), as in ``select.py``.
+* Vectorised over rows/columns (the reference loops over rows in Python for N:M and per-row).
+* N:M is not limited to output granularity at 50 %: ``layer`` and ``block`` choose the growth
+  budget over the matrix / block and compensate per M-group, which keeps every group at exactly N
+  and every matrix's sparsity exact. ``input`` is refused: compensation must happen in the same
+  row group, i.e. in other columns, so the column (the comparison group) could not keep its
+  sparsity.
+* Any N:M: when more weights of one M-group are grown than it had kept (possible only when
+  M - N > N, e.g. 1:4), only the best-scoring grown ones up to the kept count are regrown, so the
+  swaps in that row can be fewer than ``floor(ratio * r)``. The reference never meets this case.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Literal, overload
+
+import torch
+from torch import Tensor
+
+from ..errors import LLMPruneError
+
+Granularity = Literal["block", "layer", "output", "input"]
+GRANULARITIES: tuple[str, ...] = ("block", "layer", "output", "input")
+NM_GRANULARITIES: tuple[str, ...] = ("block", "layer", "output")
+
+
+def swap_selection(prune_mask: Tensor, scores: Tensor, ratio: float) -> tuple[Tensor, Tensor, Tensor]:
+    """The swap rule applied independently to each row of (groups, size) tensors.
+
+    Returns (grow, prune, r): ``grow`` marks the ``floor(ratio * r)`` best pruned weights of each
+    row, ``prune`` the same number of worst kept weights, ``r`` (groups,) the beneficial swap count.
+    """
+    groups, size = scores.shape
+    scores = scores.float()
+    # Padding with -inf / +inf puts kept weights after every pruned one in the descending growth
+    # order and pruned weights after every kept one in the ascending prune order.
+    growth_order = torch.sort(scores.masked_fill(~prune_mask, float("-inf")), dim=1, descending=True, stable=True)
+    prune_order = torch.sort(scores.masked_fill(prune_mask, float("inf")), dim=1, stable=True)
+    pruned = prune_mask.sum(dim=1)
+    kept = size - pruned
+    rank = torch.arange(size, device=scores.device).unsqueeze(0)  # (1, size)
+    pairs = rank < torch.minimum(pruned, kept).unsqueeze(1)
+    r = ((growth_order.values > prune_order.values) & pairs).sum(dim=1)
+    count = torch.floor(ratio * r.to(torch.float64)).to(torch.int64)  # floor(ratio * r), IEEE double
+    take = rank < count.unsqueeze(1)  # (groups, size): the first `count` in each order
+    grow = torch.zeros_like(prune_mask).scatter_(1, growth_order.indices, take)
+    prune = torch.zeros_like(prune_mask).scatter_(1, prune_order.indices, take)
+    return grow, prune, r
+
+
+def _rank_in_groups(values: Tensor, descending: bool) -> Tensor:
+    """Rank (0 = first) of every entry along the last dim under a stable sort."""
+    order = torch.sort(values, dim=-1, descending=descending, stable=True).indices
+    ranks = torch.arange(values.shape[-1], device=values.device).expand_as(order)
+    return torch.empty_like(order).scatter_(-1, order, ranks)
+
+
+def _compensate_n_of_m(prune_mask: Tensor, grow: Tensor, scores: Tensor, m: int) -> Tensor:
+    """Apply ``grow`` to an N:M mask and prune, in each M-group, as many kept weights as were grown."""
+    rows, cols = prune_mask.shape
+    mask3 = prune_mask.reshape(rows, cols // m, m)  # (rows, groups, m)
+    grow3 = grow.reshape(rows, cols // m, m) & mask3
+    score3 = scores.float().reshape(rows, cols // m, m)
+    kept3 = ~mask3
+    capacity = kept3.sum(dim=-1, keepdim=True)
+    grown = grow3.sum(dim=-1, keepdim=True)
+    if bool((grown > capacity).any()):
+        # Keep only the best-scoring grown weights, up to the group's kept count.
+        grow_rank = _rank_in_groups(score3.masked_fill(~grow3, float("-inf")), descending=True)
+        grow3 = grow3 & (grow_rank < capacity)
+        grown = torch.minimum(grown, capacity)
+    prune_rank = _rank_in_groups(score3.masked_fill(~kept3, float("inf")), descending=False)
+    prune3 = kept3 & (prune_rank < grown)
+    return ((mask3 & ~grow3) | prune3).reshape(rows, cols)
+
+
+def _check(masks: list[Tensor], scores: list[Tensor], ratio: float, granularity: str, m: int | None) -> None:
+    if not 0.0 <= float(ratio) <= 1.0:
+        raise LLMPruneError(f"rebuild ratio must be in [0, 1], got {ratio!r}")
+    if granularity not in GRANULARITIES:
+        raise LLMPruneError(f"unknown rebuild granularity {granularity!r}; known: {', '.join(GRANULARITIES)}")
+    if m is not None and granularity not in NM_GRANULARITIES:
+        raise LLMPruneError(
+            f"granularity {granularity!r} cannot be rebuilt under an N:M pattern: the pruned weights that "
+            f"compensate a regrown one lie in other columns of its M-group, so the column would not keep its "
+            f"sparsity; use one of {', '.join(NM_GRANULARITIES)}"
+        )
+    if not masks or len(masks) != len(scores):
+        raise ValueError("give one score matrix per mask (at least one)")
+    for mask, score in zip(masks, scores):
+        if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape != score.shape:
+            raise ValueError(f"masks must be 2-D bool with the shape of their scores, got {mask.dtype} "
+                             f"{tuple(mask.shape)} vs {tuple(score.shape)}")
+        if torch.isnan(score).any() or torch.isinf(score).any():
+            raise ValueError("rebuild scores must be finite")
+        if m is not None and mask.shape[1] % m:
+            raise ValueError(f"N:M group size {m} does not divide the input width {mask.shape[1]}")
+
+
+@overload
+def rebuild_mask(prune_mask: Tensor, scores: Tensor, ratio: float, granularity: str = ...,
+                 *, m: int | None = ...) -> Tensor: ...
+@overload
+def rebuild_mask(prune_mask: Sequence[Tensor], scores: Sequence[Tensor], ratio: float, granularity: str = ...,
+                 *, m: int | None = ...) -> list[Tensor]: ...
+
+
+def rebuild_mask(
+    prune_mask: Tensor | Sequence[Tensor],
+    scores: Tensor | Sequence[Tensor],
+    ratio: float,
+    granularity: str = "output",
+    *,
+    m: int | None = None,
+) -> Tensor | list[Tensor]:
+    """The rebuilt prune mask(s) (True = prune) of (out_features, in_features) matrices.
+
+    A single tensor returns a tensor; a sequence (several matrices, e.g. a whole sub-block for
+    ``block`` granularity) returns a list. ``m``: the M of an N:M pattern the masks follow.
+    Higher scores are more important. ``ratio = 0`` returns the masks unchanged.
+    """
+    single = isinstance(prune_mask, Tensor)
+    masks = [prune_mask] if isinstance(prune_mask, Tensor) else list(prune_mask)
+    score_list = [scores] if isinstance(scores, Tensor) else list(scores)
+    _check(masks, score_list, ratio, granularity, m)
+    if ratio == 0:
+        out = [mask.clone() for mask in masks]
+        return out[0] if single else out
+
+    grows: list[Tensor]
+    prunes: list[Tensor]
+    if granularity == "output":
+        picks = [swap_selection(mask, score, ratio) for mask, score in zip(masks, score_list)]
+        grows, prunes = [p[0] for p in picks], [p[1] for p in picks]
+    elif granularity == "input":
+        picks = [swap_selection(mask.t(), score.t(), ratio) for mask, score in zip(masks, score_list)]
+        grows, prunes = [p[0].t() for p in picks], [p[1].t() for p in picks]
+    elif granularity == "layer":
+        picks = [swap_selection(mask.reshape(1, -1), score.reshape(1, -1), ratio) for mask, score in zip(masks, score_list)]
+        grows = [p[0].reshape(mask.shape) for p, mask in zip(picks, masks)]
+        prunes = [p[1].reshape(mask.shape) for p, mask in zip(picks, masks)]
+    else:  # block: one comparison group over every matrix
+        flat_grow, flat_prune, _ = swap_selection(
+            torch.cat([mask.reshape(-1) for mask in masks]).unsqueeze(0),
+            torch.cat([score.float().reshape(-1) for score in score_list]).unsqueeze(0),
+            ratio,
+        )
+        sizes = [mask.numel() for mask in masks]
+        grows = [g.reshape(mask.shape) for g, mask in zip(flat_grow[0].split(sizes), masks)]
+        prunes = [p.reshape(mask.shape) for p, mask in zip(flat_prune[0].split(sizes), masks)]
+
+    if m is None:
+        out = [(mask & ~grow) | prune for mask, grow, prune in zip(masks, grows, prunes)]
+    else:
+        out = [_compensate_n_of_m(mask, grow, score, m) for mask, grow, score in zip(masks, grows, score_list)]
+    return out[0] if single else out
