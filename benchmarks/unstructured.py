@@ -57,6 +57,10 @@ def run(cmd: list[str], log: Path) -> None:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
 
 
+def run_key(tool: str, method: str, pattern: str, options: dict[str, Any]) -> str:
+    return json.dumps([tool, method, pattern, options], sort_keys=True)
+
+
 def ours(args: argparse.Namespace, work: Path, method: str, pattern: str, options: dict[str, Any]) -> dict[str, Any]:
     tag = f"llmprune-{method}-{pattern.replace(':', 'of')}" + "".join(f"-{k}{v}" for k, v in options.items())
     out = work / tag
@@ -68,7 +72,7 @@ def ours(args: argparse.Namespace, work: Path, method: str, pattern: str, option
         cmd += ["--set", f"method.{key}={value}"]
     run(cmd, work / f"{tag}.log")
     rep = json.loads((out / "llmprune.json").read_text())
-    return {"tool": "llmprune", "method": method, "pattern": pattern, "options": rep["recipe"]["method"],
+    return {"tool": "llmprune", "method": method, "pattern": pattern, "request": options, "options": rep["recipe"]["method"],
             "prune_s": rep["timings"]["prune_s"], "peak_rss_mb": rep["memory"]["peak_rss_mb"],
             "sparsity": rep["sparsity"]["overall"], "nm_valid": rep["sparsity"].get("nm_valid"),
             "calib_hash": rep["calibration"].get("tokens_sha256") if rep["calibration"] else None,
@@ -85,7 +89,7 @@ def peer(args: argparse.Namespace, work: Path, method: str, pattern: str, calib_
            "--output", str(out), "--json", str(js)]
     run(cmd, work / f"{tag}.log")
     rep = json.loads(js.read_text())
-    return {"tool": "llmcompressor", "method": method, "pattern": pattern, "options": rep.get("modifier_args"),
+    return {"tool": "llmcompressor", "method": method, "pattern": pattern, "request": {}, "options": rep.get("modifier_args"),
             "prune_s": rep["prune_seconds"], "peak_rss_mb": rep["peak_rss_mb"], "sparsity": rep.get("zero_fraction"),
             "versions": {k: v for k, v in rep.items() if k.endswith("version") or k == "versions"}, "folder": str(out)}
 
@@ -106,6 +110,7 @@ def main() -> None:
     ap.add_argument("--peer-python", type=Path, default=REPO / ".venv-peer" / "bin" / "python")
     ap.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "unstructured.json")
     ap.add_argument("--workdir", type=Path, default=None, help="where pruned models go (default: a temp dir)")
+    ap.add_argument("--resume", action="store_true", help="keep the runs already in --output (same protocol) and do the rest")
     args = ap.parse_args()
     windows = None if args.all_windows else args.eval_windows
     methods = [m for m in args.methods.split(",") if m in METHODS]
@@ -139,6 +144,20 @@ def main() -> None:
         net = net if net is not None else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         return perplexity(net, eval_ids, seqlen=2048, windows=windows)
 
+    previous: dict[str, Any] = {}
+    if args.resume and args.output.is_file():
+        old = json.loads(args.output.read_text())
+        if old.get("protocol") == result["protocol"]:
+            previous = {run_key(r["tool"], r["method"], r["pattern"], r.get("request", {})): r for r in old["runs"]}
+            result["dense"] = old.get("dense")
+
+    def done(tool: str, method: str, pattern: str, options: dict[str, Any]) -> bool:
+        key = run_key(tool, method, pattern, options)
+        if key in previous:
+            result["runs"].append(previous.pop(key))
+            return True
+        return False
+
     def record(entry: dict[str, Any]) -> None:
         entry["wikitext2"] = ppl(entry["folder"])
         result["runs"].append(entry)
@@ -146,7 +165,8 @@ def main() -> None:
         print(f"{entry['tool']:>13} {entry['method']:>10} {entry['pattern']:>12}  ppl {entry['wikitext2']['ppl']:9.3f}  "
               f"prune {entry['prune_s']:7.1f}s  rss {entry['peak_rss_mb']:6.0f}MB  sparsity {entry['sparsity']}", flush=True)
 
-    result["dense"] = {"wikitext2": ppl(None, model)}
+    if not result.get("dense"):
+        result["dense"] = {"wikitext2": ppl(None, model)}
     write_json_atomic(args.output, result)
     print(f"dense ppl {result['dense']['wikitext2']['ppl']:.3f}", flush=True)
     del model
@@ -155,16 +175,18 @@ def main() -> None:
         for method in methods:
             if method == "barber":
                 for init, preset in BARBER_PRESETS.items():
-                    record(ours(args, work, "barber", pattern, {"init": init, **preset}))
+                    options = {"init": init, **preset}
+                    done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
             else:
-                record(ours(args, work, method, pattern, {}))
+                done("llmprune", method, pattern, {}) or record(ours(args, work, method, pattern, {}))
             if use_peer and method in ("wanda", "sparsegpt"):
-                record(peer(args, work, method, pattern, calib_file, model_dir))
+                done("llmcompressor", method, pattern, {}) or record(peer(args, work, method, pattern, calib_file, model_dir))
     if args.barber_sweep and "barber" in METHODS:
         for pattern in patterns:
             for ratio in (0.001, 0.01, 0.05, 0.1):
                 for gran in ("output", "layer", "block", "input") if pattern == "unstructured" else ("output",):
-                    record(ours(args, work, "barber", pattern, {"init": "wanda", "ratio": ratio, "granularity": gran}))
+                    options = {"init": "wanda", "ratio": ratio, "granularity": gran}
+                    done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(args.output, result)
 

