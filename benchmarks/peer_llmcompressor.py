@@ -54,7 +54,7 @@ def parse_pattern(pattern: str) -> tuple[int, int] | None:
         n_str, m_str = pattern.split(":")
         n, m = int(n_str), int(m_str)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"bad --pattern {pattern!r}: {PATTERN_HELP}")
+        raise argparse.ArgumentTypeError(f"bad --pattern {pattern!r}: {PATTERN_HELP}") from None
     if not (0 < n < m):
         raise argparse.ArgumentTypeError(f"bad --pattern {pattern!r}: need 0 < N < M")
     return n, m
@@ -158,13 +158,12 @@ def main(argv=None) -> int:
 
     import torch
     from datasets import Dataset
-    from safetensors.torch import load_file
-    from torch.utils.data import DataLoader, SequentialSampler
-    from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
-
     from llmcompressor import oneshot
     from llmcompressor.modifiers.pruning import SparseGPTModifier, WandaPruningModifier
     from llmcompressor.utils.pytorch.module import get_no_split_params
+    from safetensors.torch import load_file
+    from torch.utils.data import DataLoader, SequentialSampler
+    from transformers import AutoModelForCausalLM, AutoTokenizer, default_data_collator
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)

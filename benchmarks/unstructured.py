@@ -144,19 +144,17 @@ def main() -> None:
         net = net if net is not None else AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32)
         return perplexity(net, eval_ids, seqlen=2048, windows=windows)
 
-    previous: dict[str, Any] = {}
+    finished: set[str] = set()
     if args.resume and args.output.is_file():
         old = json.loads(args.output.read_text())
         if old.get("protocol") == result["protocol"]:
-            previous = {run_key(r["tool"], r["method"], r["pattern"], r.get("request", {})): r for r in old["runs"]}
+            # Kept in the file from the start, so a resumed run that dies loses nothing.
+            result["runs"] = old["runs"]
             result["dense"] = old.get("dense")
+            finished = {run_key(r["tool"], r["method"], r["pattern"], r.get("request", {})) for r in old["runs"]}
 
     def done(tool: str, method: str, pattern: str, options: dict[str, Any]) -> bool:
-        key = run_key(tool, method, pattern, options)
-        if key in previous:
-            result["runs"].append(previous.pop(key))
-            return True
-        return False
+        return run_key(tool, method, pattern, options) in finished
 
     def record(entry: dict[str, Any]) -> None:
         entry["wikitext2"] = ppl(entry["folder"])

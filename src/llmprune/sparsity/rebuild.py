@@ -25,7 +25,9 @@ Differences from the reference code, and why:
 * Exact counts: the reference picks by thresholds (``score > growth[int(r * ratio)]``), which on
   ties swaps more or fewer weights than ``floor(ratio * r)`` and can break group sparsity; here
   the selection is by rank with a stable sort (lower index first among ties), as in ``select.py``.
-* Vectorised over rows/columns (the reference loops over rows in Python for N:M and per-row).
+* Vectorised over rows/columns (the reference loops over rows in Python for N:M and per-row),
+  with one sort per matrix for r and ``topk`` for the few swaps (the rule as written needs two
+  full sorts; see :func:`beneficial_swaps`).
 * N:M is not limited to output granularity at 50 %: ``layer`` and ``block`` choose the growth
   budget over the matrix / block and compensate per M-group, which keeps every group at exactly N
   and every matrix's sparsity exact. ``input`` is refused: compensation must happen in the same
@@ -51,27 +53,51 @@ GRANULARITIES: tuple[str, ...] = ("block", "layer", "output", "input")
 NM_GRANULARITIES: tuple[str, ...] = ("block", "layer", "output")
 
 
+def beneficial_swaps(prune_mask: Tensor, scores: Tensor) -> Tensor:
+    """r per row of (groups, size) tensors: #{k : growth[k] > prune[k]}.
+
+    Computed from one sort: r is the largest k for which some threshold t has k pruned scores
+    above it and k kept scores below it, i.e. the maximum over the boundaries between distinct
+    sorted values of min(#kept below, #pruned above). (If growth[k-1] > prune[k-1], a t between
+    them works; conversely such a t gives growth[k-1] > t > prune[k-1].)
+    """
+    values, order = torch.sort(scores.float(), dim=1)
+    pruned_upto = torch.cumsum(prune_mask.gather(1, order).to(torch.int32), dim=1)  # pruned in sorted[0..j]
+    position = torch.arange(1, scores.shape[1] + 1, device=scores.device, dtype=torch.int32)
+    kept_below = position - pruned_upto  # kept among sorted[0..j]
+    pruned_above = pruned_upto[:, -1:] - pruned_upto  # pruned among sorted[j+1..]
+    pairs = torch.minimum(kept_below, pruned_above)
+    # Only where a threshold fits strictly between sorted[j] and sorted[j+1] (the last j gives 0).
+    pairs[:, :-1].masked_fill_(values[:, :-1] == values[:, 1:], 0)
+    return pairs.max(dim=1).values.to(torch.int64)
+
+
+def _largest(values: Tensor, count: Tensor) -> Tensor:
+    """Mark the ``count[g]`` largest entries of each row (ties: lower index first). values: (groups, size)."""
+    k = int(count.max())
+    if k == 0:
+        return torch.zeros_like(values, dtype=torch.bool)
+    top = torch.topk(values, k, dim=1).values  # (groups, k), descending
+    threshold = top.gather(1, (count - 1).clamp(min=0).unsqueeze(1))  # the count-th largest value
+    above = values > threshold
+    at = values == threshold
+    needed = count.unsqueeze(1) - above.sum(dim=1, keepdim=True)
+    chosen = above | (at & (torch.cumsum(at, dim=1) <= needed))
+    return chosen & (count > 0).unsqueeze(1)
+
+
 def swap_selection(prune_mask: Tensor, scores: Tensor, ratio: float) -> tuple[Tensor, Tensor, Tensor]:
     """The swap rule applied independently to each row of (groups, size) tensors.
 
     Returns (grow, prune, r): ``grow`` marks the ``floor(ratio * r)`` best pruned weights of each
     row, ``prune`` the same number of worst kept weights, ``r`` (groups,) the beneficial swap count.
+    Among equal scores the lower index is regrown / pruned first (what a stable sort gives).
     """
-    groups, size = scores.shape
     scores = scores.float()
-    # Padding with -inf / +inf puts kept weights after every pruned one in the descending growth
-    # order and pruned weights after every kept one in the ascending prune order.
-    growth_order = torch.sort(scores.masked_fill(~prune_mask, float("-inf")), dim=1, descending=True, stable=True)
-    prune_order = torch.sort(scores.masked_fill(prune_mask, float("inf")), dim=1, stable=True)
-    pruned = prune_mask.sum(dim=1)
-    kept = size - pruned
-    rank = torch.arange(size, device=scores.device).unsqueeze(0)  # (1, size)
-    pairs = rank < torch.minimum(pruned, kept).unsqueeze(1)
-    r = ((growth_order.values > prune_order.values) & pairs).sum(dim=1)
+    r = beneficial_swaps(prune_mask, scores)
     count = torch.floor(ratio * r.to(torch.float64)).to(torch.int64)  # floor(ratio * r), IEEE double
-    take = rank < count.unsqueeze(1)  # (groups, size): the first `count` in each order
-    grow = torch.zeros_like(prune_mask).scatter_(1, growth_order.indices, take)
-    prune = torch.zeros_like(prune_mask).scatter_(1, prune_order.indices, take)
+    grow = _largest(scores.masked_fill(~prune_mask, float("-inf")), count)
+    prune = _largest((-scores).masked_fill(prune_mask, float("-inf")), count)
     return grow, prune, r
 
 
@@ -114,7 +140,7 @@ def _check(masks: list[Tensor], scores: list[Tensor], ratio: float, granularity:
         )
     if not masks or len(masks) != len(scores):
         raise ValueError("give one score matrix per mask (at least one)")
-    for mask, score in zip(masks, scores):
+    for mask, score in zip(masks, scores, strict=True):
         if mask.dtype != torch.bool or mask.dim() != 2 or mask.shape != score.shape:
             raise ValueError(f"masks must be 2-D bool with the shape of their scores, got {mask.dtype} "
                              f"{tuple(mask.shape)} vs {tuple(score.shape)}")
@@ -157,15 +183,15 @@ def rebuild_mask(
     grows: list[Tensor]
     prunes: list[Tensor]
     if granularity == "output":
-        picks = [swap_selection(mask, score, ratio) for mask, score in zip(masks, score_list)]
+        picks = [swap_selection(mask, score, ratio) for mask, score in zip(masks, score_list, strict=True)]
         grows, prunes = [p[0] for p in picks], [p[1] for p in picks]
     elif granularity == "input":
-        picks = [swap_selection(mask.t(), score.t(), ratio) for mask, score in zip(masks, score_list)]
+        picks = [swap_selection(mask.t(), score.t(), ratio) for mask, score in zip(masks, score_list, strict=True)]
         grows, prunes = [p[0].t() for p in picks], [p[1].t() for p in picks]
     elif granularity == "layer":
-        picks = [swap_selection(mask.reshape(1, -1), score.reshape(1, -1), ratio) for mask, score in zip(masks, score_list)]
-        grows = [p[0].reshape(mask.shape) for p, mask in zip(picks, masks)]
-        prunes = [p[1].reshape(mask.shape) for p, mask in zip(picks, masks)]
+        picks = [swap_selection(mask.reshape(1, -1), score.reshape(1, -1), ratio) for mask, score in zip(masks, score_list, strict=True)]
+        grows = [p[0].reshape(mask.shape) for p, mask in zip(picks, masks, strict=True)]
+        prunes = [p[1].reshape(mask.shape) for p, mask in zip(picks, masks, strict=True)]
     else:  # block: one comparison group over every matrix
         flat_grow, flat_prune, _ = swap_selection(
             torch.cat([mask.reshape(-1) for mask in masks]).unsqueeze(0),
@@ -173,11 +199,11 @@ def rebuild_mask(
             ratio,
         )
         sizes = [mask.numel() for mask in masks]
-        grows = [g.reshape(mask.shape) for g, mask in zip(flat_grow[0].split(sizes), masks)]
-        prunes = [p.reshape(mask.shape) for p, mask in zip(flat_prune[0].split(sizes), masks)]
+        grows = [g.reshape(mask.shape) for g, mask in zip(flat_grow[0].split(sizes), masks, strict=True)]
+        prunes = [p.reshape(mask.shape) for p, mask in zip(flat_prune[0].split(sizes), masks, strict=True)]
 
     if m is None:
-        out = [(mask & ~grow) | prune for mask, grow, prune in zip(masks, grows, prunes)]
+        out = [(mask & ~grow) | prune for mask, grow, prune in zip(masks, grows, prunes, strict=True)]
     else:
-        out = [_compensate_n_of_m(mask, grow, score, m) for mask, grow, score in zip(masks, grows, score_list)]
+        out = [_compensate_n_of_m(mask, grow, score, m) for mask, grow, score in zip(masks, grows, score_list, strict=True)]
     return out[0] if single else out

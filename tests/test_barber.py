@@ -1,0 +1,257 @@
+"""LLM-Barber end to end: the gradient it uses, every family, exact sparsity, bad input, SmolLM2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import llmprune
+from llmprune.engine.capture import capture_layer_inputs
+from llmprune.engine.context import calibration_mode
+from llmprune.engine.engine import LayerContext, run_layerwise
+from llmprune.errors import LLMPruneError
+from llmprune.methods.barber import Barber, BarberOptions, SubBlock, _Records, dense_grad_sq
+from llmprune.methods.magnitude import Magnitude, MagnitudeOptions
+from llmprune.methods.sparsegpt import SparseGPT, SparseGPTOptions
+from llmprune.methods.wanda import Wanda, WandaOptions
+from llmprune.models.view import model_view
+from llmprune.recipe import load_recipe
+from llmprune.sparsity.patterns import Pattern
+
+from .conftest import REPO, ByteTokenizer, tiny_model
+
+CPU = torch.device("cpu")
+UNSTRUCTURED, TWO_FOUR = Pattern(0.5), Pattern(0.5, n=2, m=4)
+
+
+def calib(n: int = 4, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 96, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def weights_of(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {f"{layer.index}.{name}": lin.weight.detach().clone()
+            for layer in model_view(model).layers for name, lin in layer.linears.items()}
+
+
+def prune(model: torch.nn.Module, method: Any, ids: torch.Tensor) -> list[dict[str, Any]]:
+    view = model_view(model)
+    method.validate(view)
+    return run_layerwise(view, method, ids, device=CPU)
+
+
+# ---------------------------------------------------------------- (a) the gradient Barber uses
+
+
+def first_layer_context(model: torch.nn.Module, ids: torch.Tensor) -> LayerContext:
+    view = model_view(model)
+    with calibration_mode(model):
+        inputs = capture_layer_inputs(model, view.layer_list, list(ids.split(1)), device=CPU, cache_device=CPU)
+    return LayerContext(view.layers[0], CPU, CPU, inputs.hidden, inputs.args[0], inputs.kwargs[0])
+
+
+@pytest.mark.parametrize(("family", "kind"), [("llama", "attn"), ("llama", "mlp"), ("mistral", "attn"), ("opt", "mlp")])
+def test_gradient_matches_finite_differences(family: str, kind: str) -> None:
+    """G = mean over batches of (d MSE(y_s, y_d) / d W_dense)^2, checked entry by entry in float64.
+
+    Covers a sub-block module run on its recorded kwargs (attention with rotary embeddings and a
+    sliding-window mask) and OPT's MLP, replayed through the layer with hooks (no MLP module).
+    """
+    model = tiny_model(family).double()
+    ctx = first_layer_context(model, calib(n=2, seqlen=12))
+    block = SubBlock.find(ctx.layer, kind)
+    assert block.replay == (family == "opt")
+    dense = block.snapshot(torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # the "initializer": prune the live weights at random
+        for lin in block.linears.values():
+            lin.weight.masked_fill_(torch.rand(lin.weight.shape, generator=gen) < 0.5, 0.0)
+        records = _Records(ctx, block)
+        weights = {name: dense[f"{block.rel[name]}.weight"] for name in block.linears}
+        grad_sq, _, mse = dense_grad_sq(lambda b: records.run(b, dense, torch.float64), records.pruned_out,
+                                        weights, [1, 1])
+        assert mse > 0
+
+        def loss(b: int) -> float:
+            return float(F.mse_loss(records.run(b, dense, torch.float64), records.pruned_out[b].double()))
+
+        eps = 1e-6
+        for name, w in weights.items():
+            flat = w.view(-1)
+            for i in torch.randperm(flat.numel(), generator=gen)[:6].tolist():
+                per_batch = []
+                for b in range(ctx.num_batches):
+                    original = flat[i].item()
+                    flat[i] = original + eps
+                    up = loss(b)
+                    flat[i] = original - eps
+                    down = loss(b)
+                    flat[i] = original
+                    per_batch.append((up - down) / (2 * eps))
+                expected = sum(g * g for g in per_batch) / len(per_batch)
+                got = float(grad_sq[name].view(-1)[i])
+                assert got == pytest.approx(expected, rel=1e-5, abs=1e-14), (name, i)
+
+
+def test_running_mean_weights_batches_by_samples() -> None:
+    w = torch.tensor([[2.0]])
+    targets = [torch.tensor([[1.0]]), torch.tensor([[0.0]])]
+    inputs = [torch.tensor([[1.0]]), torch.tensor([[3.0]])]
+    grad_sq, _, _ = dense_grad_sq(lambda b: inputs[b] @ w.t(), targets, {"w": w}, [1, 3])
+    g = [2 * (2 * 1 - 1) * 1, 2 * (2 * 3 - 0) * 3]  # d/dw (w x - t)^2 = 2 (w x - t) x
+    assert float(grad_sq["w"]) == pytest.approx((1 * g[0] ** 2 + 3 * g[1] ** 2) / 4)
+    assert not w.requires_grad
+
+
+# ---------------------------------------------------------------- (b) end to end on every family
+
+
+@pytest.mark.parametrize("pattern", [UNSTRUCTURED, TWO_FOUR], ids=["unstructured50", "2of4"])
+def test_every_family_keeps_the_init_sparsity(family: str, pattern: Pattern) -> None:
+    ids = calib()
+    init = tiny_model(family)
+    prune(init, Wanda(pattern, WandaOptions()), ids)
+    dense = weights_of(tiny_model(family))
+    model = tiny_model(family)
+    reports = prune(model, Barber(pattern, BarberOptions(ratio=0.5)), ids)
+
+    first_layer_swaps = 0
+    for name, w in weights_of(model).items():
+        w_init = weights_of(init)[name]
+        assert int((w == 0).sum()) == int((w_init == 0).sum()), name  # per linear, per layer
+        if pattern.is_nm:
+            kept = (w != 0).reshape(w.shape[0], -1, 4).sum(-1)
+            assert bool((kept == 2).all()), name
+        kept_mask = w != 0
+        torch.testing.assert_close(w[kept_mask], dense[name][kept_mask], rtol=0, atol=0)  # dense values
+        if name.startswith("0."):  # layer 0 sees the same inputs in both runs, hence the same init mask
+            first_layer_swaps += int(((w_init == 0) & kept_mask).sum())
+    assert first_layer_swaps > 0
+    assert first_layer_swaps == sum(reports[0]["swaps"].values())
+    for report in reports:
+        assert set(report) >= {"sparsity", "swaps", "reconstruction", "time_s"}
+        assert set(report["swaps"]) == set(report["sparsity"])
+        for kind in ("attn", "mlp"):
+            errors = report["reconstruction"][kind]
+            assert 0 < errors["mse_before"] < float("inf") and 0 <= errors["mse_after"] < float("inf")
+    with torch.no_grad():
+        assert torch.isfinite(model(input_ids=ids).logits).all()
+
+
+def test_ratio_zero_is_the_initializer_alone() -> None:
+    ids = calib()
+    for family in ("llama", "opt"):
+        for pattern in (UNSTRUCTURED, TWO_FOUR):
+            init, model = tiny_model(family), tiny_model(family)
+            prune(init, Wanda(pattern, WandaOptions()), ids)
+            reports = prune(model, Barber(pattern, BarberOptions(ratio=0.0)), ids)
+            for name, w in weights_of(model).items():
+                assert torch.equal(w, weights_of(init)[name]), (family, name)
+            assert all(sum(r["swaps"].values()) == 0 for r in reports)
+
+
+def test_sparsegpt_reconstruction_discarded_or_retained() -> None:
+    ids, pattern = calib(), Pattern(0.5, scope="matrix")
+    sgpt = tiny_model("llama")
+    prune(sgpt, SparseGPT(pattern, SparseGPTOptions()), ids)
+    retained = tiny_model("llama")
+    prune(retained, Barber(pattern, BarberOptions(init="sparsegpt", ratio=0.0, retain_reconstruction=True)), ids)
+    for name, w in weights_of(retained).items():
+        assert torch.equal(w, weights_of(sgpt)[name]), name  # the reconstruction kept, bit for bit
+    dense = weights_of(tiny_model("llama"))
+    model = tiny_model("llama")
+    prune(model, Barber(pattern, BarberOptions(init="sparsegpt", granularity="layer", ratio=0.1)), ids)
+    for name, w in weights_of(model).items():
+        assert int((w == 0).sum()) == int(0.5 * w.numel()), name
+        assert torch.equal(w[w != 0], dense[name][w != 0]), name
+
+
+def test_magnitude_init_block_granularity_keeps_each_sub_block_total() -> None:
+    ids, pattern = calib(), Pattern(0.5, scope="matrix")
+    init, model = tiny_model("qwen3"), tiny_model("qwen3")
+    prune(init, Magnitude(pattern, MagnitudeOptions()), ids)
+    method = Barber(pattern, BarberOptions(init="magnitude", granularity="block", ratio=0.5))
+    assert method.stats is None
+    reports = prune(model, method, ids)
+    view, init_view = model_view(model), model_view(init)
+    drift = 0
+    for layer, init_layer in zip(view.layers, init_view.layers, strict=True):
+        for kind in ("attn", "mlp"):
+            names = SubBlock.find(layer, kind).rel
+            zeros = {n: int((layer.linears[n].weight == 0).sum()) for n in names}
+            init_zeros = {n: int((init_layer.linears[n].weight == 0).sum()) for n in names}
+            assert sum(zeros.values()) == sum(init_zeros.values())
+            drift += sum(abs(zeros[n] - init_zeros[n]) for n in names)
+    assert drift > 0  # block granularity does move sparsity between matrices
+    assert all(r["reconstruction"]["mlp"]["mse_after"] < r["reconstruction"]["mlp"]["mse_before"] for r in reports)
+
+
+def test_n_of_m_beyond_two_of_four_with_layer_granularity() -> None:
+    ids, pattern = calib(), Pattern(0.75, n=1, m=4)
+    model = tiny_model("mistral")
+    prune(model, Barber(pattern, BarberOptions(granularity="layer", ratio=0.5)), ids)
+    for name, w in weights_of(model).items():
+        assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) == 1).all()), name
+
+
+# ---------------------------------------------------------------- API, recipes and (c) bad input
+
+
+@pytest.fixture
+def calib_file(tmp_path: Path) -> Path:
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"sentence number {i} talks about pruning models." for i in range(200)))
+    return path
+
+
+def test_api_and_reference_recipes(calib_file: Path) -> None:
+    model = tiny_model("gemma3")
+    result = llmprune.prune(model, tokenizer=ByteTokenizer(), method="barber", pattern="2:4",
+                            calib_dataset=str(calib_file), nsamples=4, seqlen=32,
+                            method_options={"init": "sparsegpt", "granularity": "block", "ratio": 0.2})
+    assert result.report["sparsity"]["nm_valid"] is True and result.report["sparsity"]["overall"] == 0.5
+    method = result.report["recipe"]["method"]
+    assert method["init"] == "sparsegpt" and method["scope"] == "matrix" and method["score"] == "WD"
+    presets = {"barber_wanda.yaml": ("wanda", "output", 0.01), "barber_magnitude.yaml": ("magnitude", "block", 0.1),
+               "barber_sparsegpt.yaml": ("sparsegpt", "layer", 0.1)}
+    for file, (init, granularity, ratio) in presets.items():
+        path = REPO / "recipes" / file
+        assert path.read_text().startswith(f"# llmprune prune --recipe recipes/{file}")
+        recipe = load_recipe(path)
+        assert recipe.method.name == "barber"
+        options = BarberOptions(**recipe.method.options)
+        assert (options.init, options.granularity, options.ratio) == (init, granularity, ratio)
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"sparsity": 0.0}, "nothing to rebuild"),
+    ({"sparsity": 0.005}, "prunes no weight"),
+    ({"method_options": {"ratio": 1.5}}, "ratio"),
+    ({"method_options": {"ratio": -0.1}}, "ratio"),
+    ({"pattern": "2:4", "sparsity": None, "method_options": {"granularity": "input"}}, "granularity 'input'"),
+    ({"method_options": {"init": "obc"}}, "init"),
+    ({"method_options": {"granularity": "row"}}, "granularity"),
+    ({"method_options": {"fraction": 0.1}}, "fraction"),
+])
+def test_bad_input_fails_before_any_work(kwargs: dict[str, Any], message: str, calib_file: Path) -> None:
+    model = tiny_model("llama")
+    before = weights_of(model)
+    args: dict[str, Any] = {"method": "barber", "sparsity": 0.5, "calib_dataset": str(calib_file), "nsamples": 2,
+                            "seqlen": 16, **kwargs}
+    with pytest.raises(LLMPruneError, match=message):
+        llmprune.prune(model, tokenizer=ByteTokenizer(), **args)
+    assert all(torch.equal(w, before[name]) for name, w in weights_of(model).items())
+
+
+def test_direct_construction_checks() -> None:
+    with pytest.raises(LLMPruneError, match="nothing to rebuild"):
+        Barber(Pattern(0.0), BarberOptions())
+    for granularity in ("output", "layer", "block"):
+        Barber(TWO_FOUR, BarberOptions(granularity=granularity))
+    with pytest.raises(LLMPruneError, match="N:M"):
+        Barber(TWO_FOUR, BarberOptions(granularity="input"))
+    assert Barber(UNSTRUCTURED, BarberOptions(init="sparsegpt")).stats == "hessian"
+    assert BarberOptions(init="magnitude").scope == "matrix" and BarberOptions().scope == "row"
