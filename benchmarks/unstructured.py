@@ -42,6 +42,9 @@ from llmprune.methods import METHODS  # noqa: E402
 from llmprune.models.loading import gguf_to_folder, load_model, resolve_source  # noqa: E402
 from llmprune.report import versions  # noqa: E402
 
+BARBER_EXTRAS = [  # beyond the presets: SparseGPT's reconstruction retained for the weights it kept
+    {"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "retain_reconstruction": True},
+]
 BARBER_PRESETS = {  # LLM-Barber's reference hyper-parameters per initializer
     "magnitude": {"granularity": "block", "ratio": 0.1},
     "wanda": {"granularity": "output", "ratio": 0.01},
@@ -172,17 +175,19 @@ def main() -> None:
     for pattern in patterns:
         for method in methods:
             if method == "barber":
-                for init, preset in BARBER_PRESETS.items():
-                    options = {"init": init, **preset}
+                for options in [{"init": init, **preset} for init, preset in BARBER_PRESETS.items()] + BARBER_EXTRAS:
                     done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
             else:
                 done("llmprune", method, pattern, {}) or record(ours(args, work, method, pattern, {}))
             if use_peer and method in ("wanda", "sparsegpt"):
                 done("llmcompressor", method, pattern, {}) or record(peer(args, work, method, pattern, calib_file, model_dir))
-    if args.barber_sweep and "barber" in METHODS:
-        for pattern in patterns:
-            for ratio in (0.001, 0.01, 0.05, 0.1):
-                for gran in ("output", "layer", "block", "input") if pattern == "unstructured" else ("output",):
+    if args.barber_sweep and "barber" in METHODS:  # over Wanda: ratio first (output), then granularity
+        grans = ("output", "layer", "block", "input")
+        for gran in grans:
+            for pattern in patterns:
+                if pattern != "unstructured" and gran == "input":
+                    continue  # an N:M pattern cannot keep per-column sparsity (refused by the method)
+                for ratio in (0.001, 0.01, 0.05, 0.1):
                     options = {"init": "wanda", "ratio": ratio, "granularity": gran}
                     done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -255,3 +255,29 @@ def test_direct_construction_checks() -> None:
         Barber(TWO_FOUR, BarberOptions(granularity="input"))
     assert Barber(UNSTRUCTURED, BarberOptions(init="sparsegpt")).stats == "hessian"
     assert BarberOptions(init="magnitude").scope == "matrix" and BarberOptions().scope == "row"
+
+
+def test_guard_keeps_the_initializer_where_rebuilding_hurts() -> None:
+    ids, pattern = calib(), UNSTRUCTURED
+    init, plain, guarded = tiny_model("llama"), tiny_model("llama"), tiny_model("llama")
+    prune(init, Wanda(pattern, WandaOptions()), ids)
+    options = dict(ratio=1.0, score="W", granularity="layer")  # a harmful setting: magnitude order over Wanda's
+    plain_reports = prune(plain, Barber(pattern, BarberOptions(**options)), ids)
+    reports = prune(guarded, Barber(pattern, BarberOptions(**options, guard=True)), ids)
+    first = plain_reports[0]["reconstruction"]["attn"]
+    assert first["mse_after"] > first["mse_before"]  # the same inputs as the guarded run's first sub-block
+    reverted = 0
+    for report in reports:
+        for kind, errors in report["reconstruction"].items():
+            names = [n for n in report["swaps"] if (n.startswith("self_attn") == (kind == "attn"))]
+            if errors.get("reverted"):
+                reverted += 1
+                assert all(report["swaps"][n] == 0 for n in names), (report["layer"], kind)
+            else:
+                assert errors["mse_after"] <= errors["mse_before"], (report["layer"], kind)
+    assert reverted >= 1
+    assert reports[0]["reconstruction"]["attn"].get("reverted") is True
+    for name, w in weights_of(guarded).items():
+        if name.startswith("0.self_attn"):
+            assert torch.equal(w, weights_of(init)[name]), name  # the initializer's sub-block, bit for bit
+        assert int((w == 0).sum()) == int((weights_of(init)[name] == 0).sum()), name
