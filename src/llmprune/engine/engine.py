@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -63,6 +63,10 @@ def _outside_layers_onloaded(model: nn.Module, layers: nn.ModuleList, device: to
             p.data = data
 
 
+class _Captured(Exception):
+    """Ends a layer forward once the captured sub-module has run."""
+
+
 @dataclass
 class LayerContext:
     """One decoder layer with its calibration inputs, as a method sees it."""
@@ -106,7 +110,9 @@ class LayerContext:
         """Run every batch through the layer; record ``module``'s (args, kwargs, output) per batch.
 
         Used by methods that work on sub-blocks (attention, MLP) of the layer. Records live on
-        ``cache_device``; the hook is removed before returning.
+        ``cache_device``; the hook is removed before returning. The layer forward stops once
+        ``module`` has run (nothing after it is needed), which saves e.g. the MLP when capturing
+        the attention.
         """
         records: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
 
@@ -114,11 +120,16 @@ class LayerContext:
             records.append(
                 (move_to(args, self.cache_device), move_to(kwargs, self.cache_device), move_to(output, self.cache_device))
             )
+            raise _Captured
 
         handle = module.register_forward_hook(hook, with_kwargs=True)
         try:
             for b in range(self.num_batches):
-                self.run_batch(b)
+                with suppress(_Captured):
+                    self.run_batch(b)
+                if len(records) != b + 1:
+                    raise LLMPruneError(f"layer {self.layer.index}: {type(module).__name__} did not run exactly once "
+                                        f"in the layer's forward")
         finally:
             handle.remove()
         return records
