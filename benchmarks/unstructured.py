@@ -42,9 +42,17 @@ from llmprune.methods import METHODS  # noqa: E402
 from llmprune.models.loading import gguf_to_folder, load_model, resolve_source  # noqa: E402
 from llmprune.report import versions  # noqa: E402
 
-BARBER_EXTRAS = [  # beyond the presets: SparseGPT's reconstruction retained for the weights it kept
-    {"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "retain_reconstruction": True},
-]
+BARBER_EXTRAS: dict[str, list[dict[str, Any]]] = {  # beyond the presets, per pattern kind ("unstructured", "nm")
+    # SparseGPT's reconstruction retained for the weights it kept
+    "unstructured": [{"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "retain_reconstruction": True},
+                     {"init": "wanda", "granularity": "output", "ratio": 0.1}],
+    "nm": [{"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "retain_reconstruction": True},
+           {"init": "wanda", "granularity": "output", "ratio": 0.1},
+           # the paired N:M rule (every swap raises the score inside its M-group)
+           {"init": "wanda", "granularity": "output", "ratio": 0.1, "nm_rule": "paired"},
+           {"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "retain_reconstruction": True,
+            "nm_rule": "paired"}],
+}
 BARBER_PRESETS = {  # LLM-Barber's reference hyper-parameters per initializer
     "magnitude": {"granularity": "block", "ratio": 0.1},
     "wanda": {"granularity": "output", "ratio": 0.01},
@@ -175,21 +183,25 @@ def main() -> None:
     for pattern in patterns:
         for method in methods:
             if method == "barber":
-                for options in [{"init": init, **preset} for init, preset in BARBER_PRESETS.items()] + BARBER_EXTRAS:
+                extras = BARBER_EXTRAS["unstructured" if pattern == "unstructured" else "nm"]
+                for options in [{"init": init, **preset} for init, preset in BARBER_PRESETS.items()] + extras:
                     done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
             else:
                 done("llmprune", method, pattern, {}) or record(ours(args, work, method, pattern, {}))
             if use_peer and method in ("wanda", "sparsegpt"):
                 done("llmcompressor", method, pattern, {}) or record(peer(args, work, method, pattern, calib_file, model_dir))
-    if args.barber_sweep and "barber" in METHODS:  # over Wanda: ratio first (output), then granularity
-        grans = ("output", "layer", "block", "input")
-        for gran in grans:
+    if args.barber_sweep and "barber" in METHODS:  # over Wanda: ratio at output granularity first, then the rest
+        sweep: list[tuple[str, dict[str, Any]]] = []
+        for gran, nm_rules in (("output", ("reference", "paired")), ("layer", ("reference",)),
+                               ("block", ("reference",)), ("input", ())):
             for pattern in patterns:
-                if pattern != "unstructured" and gran == "input":
-                    continue  # an N:M pattern cannot keep per-column sparsity (refused by the method)
-                for ratio in (0.001, 0.01, 0.05, 0.1):
-                    options = {"init": "wanda", "ratio": ratio, "granularity": gran}
-                    done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
+                nm = pattern != "unstructured"
+                for rule in nm_rules if nm else ("",):  # "input" cannot keep an N:M pattern (refused)
+                    for ratio in (0.001, 0.01, 0.05, 0.1):
+                        options = {"init": "wanda", "ratio": ratio, "granularity": gran}
+                        sweep.append((pattern, options | ({"nm_rule": rule} if rule == "paired" else {})))
+        for pattern, options in sweep:
+            done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     write_json_atomic(args.output, result)
 

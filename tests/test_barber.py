@@ -109,14 +109,15 @@ def test_running_mean_weights_batches_by_samples() -> None:
 # ---------------------------------------------------------------- (b) end to end on every family
 
 
-@pytest.mark.parametrize("pattern", [UNSTRUCTURED, TWO_FOUR], ids=["unstructured50", "2of4"])
-def test_every_family_keeps_the_init_sparsity(family: str, pattern: Pattern) -> None:
+@pytest.mark.parametrize(("pattern", "nm_rule"), [(UNSTRUCTURED, "reference"), (TWO_FOUR, "reference"),
+                                                  (TWO_FOUR, "paired")], ids=["unstructured50", "2of4", "2of4-paired"])
+def test_every_family_keeps_the_init_sparsity(family: str, pattern: Pattern, nm_rule: str) -> None:
     ids = calib()
     init = tiny_model(family)
     prune(init, Wanda(pattern, WandaOptions()), ids)
     dense = weights_of(tiny_model(family))
     model = tiny_model(family)
-    reports = prune(model, Barber(pattern, BarberOptions(ratio=0.5)), ids)
+    reports = prune(model, Barber(pattern, BarberOptions(ratio=0.5, nm_rule=nm_rule)), ids)
 
     first_layer_swaps = 0
     for name, w in weights_of(model).items():

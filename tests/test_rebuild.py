@@ -218,3 +218,62 @@ def test_vectorised_on_a_large_matrix() -> None:
     old = torch.rand(512, 1024, generator=gen) < 0.5
     new = rebuild_mask(old, s, 0.1, "output")
     assert torch.equal(new.sum(1), old.sum(1))
+
+
+def test_paired_rule_by_hand() -> None:
+    # row 0, groups [0:4] and [4:8], 2:4. Group 0: best pruned 5 vs worst kept 1 -> gain 4.
+    # Group 1: best pruned 2 vs worst kept 3 -> gain -1 (no swap). r = 1 -> ratio 1 swaps group 0 only.
+    old = mask([[T, T, F, F, T, T, F, F]])
+    s = scores([[5, 0, 1, 9, 2, 0, 3, 4]])
+    new = rebuild_mask(old, s, 1.0, "output", m=4, nm_rule="paired")
+    assert new.tolist() == [[F, T, T, F, T, T, F, F]]
+    assert torch.equal(rebuild_mask(old, s, 0.99, "output", m=4, nm_rule="paired"), old)  # floor(0.99 * 1) = 0
+    # The reference rule regrows by the row comparison (5 > 1, 2 < 3: r = 1) and compensates in the group.
+    assert torch.equal(rebuild_mask(old, s, 1.0, "output", m=4), new)
+    with pytest.raises(LLMPruneError, match="N:M rebuild rule"):
+        rebuild_mask(old, s, 1.0, "output", m=4, nm_rule="greedy")
+
+
+def test_paired_rule_never_lowers_the_score_where_the_reference_does() -> None:
+    # Row: group 0 holds the row's best pruned (9) but its kept weights score 8 and 8.5; group 1's
+    # kept weights score 0.1 and 0.2. Reference: growth [9, 0.5..] vs prune [0.1, ..]: r >= 1, regrows 9
+    # and prunes 8 in group 0 (gain 1). Paired: group 0 gain 1, group 1 gain (0.5 - 0.1); both positive.
+    old = mask([[T, F, T, F, T, F, T, F]])
+    s = scores([[9, 8, 0, 8.5, 0.5, 0.1, 0.3, 0.2]])
+    ref = rebuild_mask(old, s, 1.0, "output", m=2)
+    paired = rebuild_mask(old, s, 1.0, "output", m=2, nm_rule="paired")
+    kept_score = lambda new: float(s[~new].sum())  # noqa: E731
+    assert kept_score(paired) >= kept_score(old)
+    assert kept_score(paired) >= kept_score(ref)
+
+
+@settings(max_examples=150, deadline=None)
+@given(problem=problems(nm=True), granularity=st.sampled_from(["block", "layer", "output"]))
+def test_paired_rule_properties(problem, granularity: str) -> None:  # type: ignore[no-untyped-def]
+    masks, score_list, ratio, m = problem
+    assert m is not None
+    kept_per_group = int((~masks[0][0, :m]).sum())
+    if granularity != "block":
+        masks, score_list = masks[:1], score_list[:1]
+    new = rebuild_mask(masks, score_list, ratio, granularity, m=m, nm_rule="paired")
+    beneficial, swapped = [], []
+    for old, nw, val in zip(masks, new, score_list, strict=True):
+        rows, cols = nw.shape
+        assert bool(((~nw).reshape(rows, cols // m, m).sum(-1) == kept_per_group).all())  # exactly N per group
+        for o, n_, v in zip(old.reshape(-1, m), nw.reshape(-1, m), val.reshape(-1, m), strict=True):
+            gain = (float(v[o].max()) - float(v[~o].min())) if o.any() and (~o).any() else -1.0
+            grown, cut = o & ~n_, ~o & n_
+            assert int(grown.sum()) == int(cut.sum()) <= 1
+            if grown.any():
+                assert float(v[grown].sum()) - float(v[cut].sum()) == pytest.approx(gain) and gain > 0
+            beneficial.append(gain > 0)
+            swapped.append(bool(grown.any()))
+        if granularity == "output":  # floor(ratio * r) per row
+            per_row = len(beneficial) // rows if granularity == "output" else None
+            b_rows = [beneficial[i:i + per_row] for i in range(0, len(beneficial), per_row)]
+            s_rows = [swapped[i:i + per_row] for i in range(0, len(swapped), per_row)]
+            for b, sw in zip(b_rows, s_rows, strict=True):
+                assert sum(sw) == math.floor(ratio * sum(b))
+            beneficial, swapped = [], []
+    if granularity != "output":
+        assert sum(swapped) == math.floor(ratio * sum(beneficial))

@@ -50,3 +50,34 @@ def test_two_four_on_the_real_model(smollm2, data_dir: Path) -> None:
     assert res.report["sparsity"]["nm_valid"] is True
     # Exactly 2 of every 4 pruned, plus the few weights the GGUF dequantizes to 0.0 among the kept ones.
     assert 0.5 <= res.report["sparsity"]["overall"] < 0.5 + 1e-5
+
+
+# LLM-Barber needs more calibration than the pruners: with 8 x 256 tokens its swaps fit the calibration
+# set (lower sub-block error, higher perplexity); with 32 x 256 they generalise. Measured settings: the
+# reference rule at ratio 0.1 (unstructured) and the paired N:M rule at ratio 0.1 (2:4; the reference
+# N:M rule raises perplexity on this model, see the benchmark).
+BARBER_CASES = {
+    "unstructured50": ({"sparsity": 0.5}, {"init": "wanda", "ratio": 0.1, "granularity": "output"}),
+    "2of4": ({"pattern": "2:4"}, {"init": "wanda", "ratio": 0.1, "granularity": "output", "nm_rule": "paired"}),
+}
+
+
+@pytest.mark.parametrize("case", list(BARBER_CASES))
+def test_barber_on_wanda_beats_wanda(smollm2, data_dir: Path, case: str) -> None:
+    sparsity, options = BARBER_CASES[case]
+    settings = {**SETTINGS, "nsamples": 32, "data_dir": str(data_dir), **sparsity}
+    model, tok = load_model("smollm2-135m", "float32", "cpu")
+    wanda = llmprune.prune(model, tokenizer=tok, method="wanda", **settings)
+    model, tok = load_model("smollm2-135m", "float32", "cpu")
+    barber = llmprune.prune(model, tokenizer=tok, method="barber", method_options=options, **settings)
+    ppl_wanda, ppl_barber = (r.report["eval"]["wikitext2"]["ppl"] for r in (wanda, barber))
+    assert ppl_barber < ppl_wanda, (case, ppl_barber, ppl_wanda)
+    assert barber.report["sparsity"]["zeros"] == wanda.report["sparsity"]["zeros"]  # identical sparsity,
+    assert barber.report["sparsity"]["layers"] == wanda.report["sparsity"]["layers"]  # per layer and linear
+    swaps = sum(sum(layer["swaps"].values()) for layer in barber.report["layers"])
+    assert swaps > 0
+    for layer in barber.report["layers"]:
+        for errors in layer["reconstruction"].values():
+            assert errors["mse_after"] < errors["mse_before"]
+    if "pattern" in sparsity:
+        assert barber.report["sparsity"]["nm_valid"] is True

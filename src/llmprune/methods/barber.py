@@ -80,6 +80,9 @@ class BarberOptions(MethodOptions):
         "output", description="comparison group of the swap rule")
     score: Literal["W", "D", "WD"] = Field("WD", description="W=|W|, D=sqrt(mean g^2), WD=their product")
     retain_reconstruction: bool = Field(False, description="kept weights keep the initializer's values")
+    nm_rule: Literal["reference", "paired"] = Field(
+        "reference", description="N:M only: reference = the paper's rule; paired = swap the best pruned and "
+        "the worst kept weight of one M-group, only where that raises the score (an llmprune extension)")
     guard: bool = Field(False, description="keep the initializer's sub-block when rebuilding raises its calibration "
                         "reconstruction error (an llmprune extension)")
     scope: Literal["row", "matrix"] = Field("row", description="sparsity scope of the initializer "
@@ -379,10 +382,12 @@ class Barber(Method):
         names = list(linears)
         m = self.pattern.m if self.pattern.is_nm else None
         if opts.granularity == "block":
-            rebuilt = rebuild_mask([old_masks[n] for n in names], [scores[n] for n in names], opts.ratio, "block", m=m)
+            rebuilt = rebuild_mask([old_masks[n] for n in names], [scores[n] for n in names], opts.ratio, "block", m=m,
+                                   nm_rule=opts.nm_rule)
             new_masks = dict(zip(names, rebuilt, strict=True))
         else:
-            new_masks = {n: rebuild_mask(old_masks[n], scores[n], opts.ratio, opts.granularity, m=m) for n in names}
+            new_masks = {n: rebuild_mask(old_masks[n], scores[n], opts.ratio, opts.granularity, m=m, nm_rule=opts.nm_rule)
+                         for n in names}
         swaps = {}
         initial = {name: lin.weight.detach().clone() for name, lin in linears.items()} if opts.guard else None
         with torch.no_grad():

@@ -51,6 +51,7 @@ from ..errors import LLMPruneError
 Granularity = Literal["block", "layer", "output", "input"]
 GRANULARITIES: tuple[str, ...] = ("block", "layer", "output", "input")
 NM_GRANULARITIES: tuple[str, ...] = ("block", "layer", "output")
+NM_RULES: tuple[str, ...] = ("reference", "paired")
 
 
 def beneficial_swaps(prune_mask: Tensor, scores: Tensor) -> Tensor:
@@ -127,6 +128,40 @@ def _compensate_n_of_m(prune_mask: Tensor, grow: Tensor, scores: Tensor, m: int)
     return ((mask3 & ~grow3) | prune3).reshape(rows, cols)
 
 
+def paired_swaps(prune_mask: Tensor, scores: Tensor, ratio: float, m: int, granularity: str = "output",
+                 ) -> tuple[Tensor, Tensor]:
+    """The ``paired`` N:M rule (an llmprune extension): swaps are chosen as pairs inside one M-group.
+
+    In every M-group the candidate swap is (best-scoring pruned weight, worst-scoring kept weight),
+    its gain the difference of their scores. r = the groups with a positive gain, counted per
+    comparison group (a row for ``output``, the matrix for ``layer``); the ``floor(ratio * r)``
+    largest-gain candidates are swapped. So every swap raises the total score, which the reference
+    rule does not guarantee under N:M: it picks the regrown weights by the row-level comparison and
+    then prunes the group's worst kept weight whatever its score. At most one swap per group per call.
+
+    Returns (grow, prune) masks of the matrix's shape. ``block`` granularity goes through
+    :func:`rebuild_mask`, which concatenates the matrices' rows.
+    """
+    rows, cols = prune_mask.shape
+    mask3 = prune_mask.reshape(rows, cols // m, m)
+    score3 = scores.float().reshape(rows, cols // m, m)
+    best, best_at = score3.masked_fill(~mask3, float("-inf")).max(dim=-1)
+    worst, worst_at = score3.masked_fill(mask3, float("inf")).min(dim=-1)
+    gain = best - worst  # -inf or nan-free: groups lacking a pruned or a kept weight give -inf
+    gain = torch.where(torch.isfinite(best) & torch.isfinite(worst), gain, torch.full_like(gain, float("-inf")))
+    beneficial = gain > 0
+    if granularity == "output":
+        count = torch.floor(ratio * beneficial.sum(dim=1).to(torch.float64)).to(torch.int64)
+        chosen = _largest(gain.masked_fill(~beneficial, float("-inf")), count)
+    else:  # one comparison group for the whole matrix
+        flat = gain.masked_fill(~beneficial, float("-inf")).reshape(1, -1)
+        count = torch.floor(ratio * beneficial.sum().to(torch.float64)).to(torch.int64).reshape(1)
+        chosen = _largest(flat, count).reshape(gain.shape)
+    grow = torch.zeros_like(mask3).scatter_(-1, best_at.unsqueeze(-1), chosen.unsqueeze(-1))
+    prune = torch.zeros_like(mask3).scatter_(-1, worst_at.unsqueeze(-1), chosen.unsqueeze(-1))
+    return grow.reshape(rows, cols), prune.reshape(rows, cols)
+
+
 def _check(masks: list[Tensor], scores: list[Tensor], ratio: float, granularity: str, m: int | None) -> None:
     if not 0.0 <= float(ratio) <= 1.0:
         raise LLMPruneError(f"rebuild ratio must be in [0, 1], got {ratio!r}")
@@ -152,10 +187,10 @@ def _check(masks: list[Tensor], scores: list[Tensor], ratio: float, granularity:
 
 @overload
 def rebuild_mask(prune_mask: Tensor, scores: Tensor, ratio: float, granularity: str = ...,
-                 *, m: int | None = ...) -> Tensor: ...
+                 *, m: int | None = ..., nm_rule: str = ...) -> Tensor: ...
 @overload
 def rebuild_mask(prune_mask: Sequence[Tensor], scores: Sequence[Tensor], ratio: float, granularity: str = ...,
-                 *, m: int | None = ...) -> list[Tensor]: ...
+                 *, m: int | None = ..., nm_rule: str = ...) -> list[Tensor]: ...
 
 
 def rebuild_mask(
@@ -165,19 +200,36 @@ def rebuild_mask(
     granularity: str = "output",
     *,
     m: int | None = None,
+    nm_rule: str = "reference",
 ) -> Tensor | list[Tensor]:
     """The rebuilt prune mask(s) (True = prune) of (out_features, in_features) matrices.
 
     A single tensor returns a tensor; a sequence (several matrices, e.g. a whole sub-block for
     ``block`` granularity) returns a list. ``m``: the M of an N:M pattern the masks follow.
-    Higher scores are more important. ``ratio = 0`` returns the masks unchanged.
+    Higher scores are more important. ``ratio = 0`` returns the masks unchanged. ``nm_rule``
+    (with ``m``): ``reference`` (the paper's) or ``paired`` (:func:`paired_swaps`).
     """
     single = isinstance(prune_mask, Tensor)
     masks = [prune_mask] if isinstance(prune_mask, Tensor) else list(prune_mask)
     score_list = [scores] if isinstance(scores, Tensor) else list(scores)
     _check(masks, score_list, ratio, granularity, m)
+    if nm_rule not in NM_RULES:
+        raise LLMPruneError(f"unknown N:M rebuild rule {nm_rule!r}; known: {', '.join(NM_RULES)}")
     if ratio == 0:
         out = [mask.clone() for mask in masks]
+        return out[0] if single else out
+    if m is not None and nm_rule == "paired":
+        if granularity == "block":  # one comparison group: every M-group of every matrix (rows of width m)
+            grow, prune = paired_swaps(torch.cat([mask.reshape(-1, m) for mask in masks]),
+                                       torch.cat([score.float().reshape(-1, m) for score in score_list]), ratio, m, "layer")
+            sizes = [mask.numel() for mask in masks]
+            out = [(mask & ~g.reshape(mask.shape)) | p.reshape(mask.shape)
+                   for mask, g, p in zip(masks, grow.reshape(-1).split(sizes), prune.reshape(-1).split(sizes), strict=True)]
+        else:
+            out = []
+            for mask, score in zip(masks, score_list, strict=True):
+                grow, prune = paired_swaps(mask, score, ratio, m, granularity)
+                out.append((mask & ~grow) | prune)
         return out[0] if single else out
 
     grows: list[Tensor]
