@@ -82,6 +82,14 @@ class ByteTokenizer:
 
 
 @pytest.fixture
+def calib_file(tmp_path: Path) -> Path:
+    """A small local calibration text (plain text file source)."""
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(f"sentence number {i} talks about pruning models." for i in range(400)))
+    return path
+
+
+@pytest.fixture
 def byte_tokenizer() -> ByteTokenizer:
     return ByteTokenizer()
 

@@ -18,13 +18,6 @@ from llmprune.recipe import build_recipe, load_recipe, parse_set
 runner = CliRunner()
 
 
-@pytest.fixture
-def calib_file(tmp_path: Path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(" ".join(f"sentence number {i} talks about pruning models." for i in range(400)))
-    return path
-
-
 def _prune(folder: Path, calib: Path, data_dir: Path, out: Path, **kw: object) -> llmprune.PruneResult:
     args = dict(method="wanda", sparsity=0.5, calib_dataset=str(calib), nsamples=4, seqlen=32,
                 eval="wikitext2", eval_seqlen=64, eval_windows=2, data_dir=str(data_dir), output=str(out))

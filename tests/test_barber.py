@@ -201,13 +201,6 @@ def test_n_of_m_beyond_two_of_four_with_layer_granularity() -> None:
 # ---------------------------------------------------------------- API, recipes and (c) bad input
 
 
-@pytest.fixture
-def calib_file(tmp_path: Path) -> Path:
-    path = tmp_path / "calib.txt"
-    path.write_text(" ".join(f"sentence number {i} talks about pruning models." for i in range(200)))
-    return path
-
-
 def test_api_and_reference_recipes(calib_file: Path) -> None:
     model = tiny_model("gemma3")
     result = llmprune.prune(model, tokenizer=ByteTokenizer(), method="barber", pattern="2:4",

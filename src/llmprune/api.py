@@ -88,7 +88,7 @@ def resolved_recipe(recipe: Recipe, method: Method, pattern: Pattern) -> dict[st
     data["method"] = {
         "name": method.name,
         "sparsity": pattern.sparsity,
-        "pattern": f"{pattern.n}:{pattern.m}" if pattern.is_nm else "unstructured",
+        "pattern": "channels" if method.structured else f"{pattern.n}:{pattern.m}" if pattern.is_nm else "unstructured",
         **method.options.model_dump(mode="json"),
     }
     return data
@@ -179,6 +179,7 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
     t0 = time.perf_counter()
     layer_reports = run_layerwise(view, method, calib_ids, device=device, cache_device=cache_device,
                                   batch_size=rec.calib.batch_size, progress=progress)
+    structure = method.finalize(view)
     timings["prune_s"] = time.perf_counter() - t0
 
     sparsity = sparsity_report(view, pattern)
@@ -199,7 +200,9 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
             },
             "evaluation_data": {s.name: s.describe() for s in eval_sources},
             "sparsity": sparsity,
-            "params": {"total": param_count(net), "pruned_linears": sparsity["weights"]},
+            "params": {"total": param_count(net), "pruned_linears": sparsity["weights"],
+                       **({"dense": structure["params"]["dense"]} if method.structured else {})},
+            **({"structure": structure} if method.structured else {}),
             "layers": layer_reports,
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},

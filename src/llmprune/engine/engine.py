@@ -78,6 +78,7 @@ class LayerContext:
     args: list[tuple[Any, ...]] = field(default_factory=list)
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, InputStats] = field(default_factory=dict)
+    outputs: list[Tensor] | None = None  # the layer's dense outputs, when the method propagates dense
 
     @property
     def num_batches(self) -> int:
@@ -98,13 +99,16 @@ class LayerContext:
         outputs = []
         for b in range(self.num_batches):
             out = self.run_batch(b)
-            if not torch.isfinite(out).all():
-                raise LLMPruneError(
-                    f"NaN or inf in the output activations of decoder layer {self.layer.index}; "
-                    f"the model overflows in this dtype (try --set model.dtype=float32)"
-                )
+            self._check_finite(out)
             outputs.append(out.to(self.cache_device))
         return outputs
+
+    def _check_finite(self, out: Tensor) -> None:
+        if not torch.isfinite(out).all():
+            raise LLMPruneError(
+                f"NaN or inf in the output activations of decoder layer {self.layer.index}; "
+                f"the model overflows in this dtype (try --set model.dtype=float32)"
+            )
 
     def capture_io(self, module: nn.Module) -> list[tuple[tuple[Any, ...], dict[str, Any], Any]]:
         """Run every batch through the layer; record ``module``'s (args, kwargs, output) per batch.
@@ -134,11 +138,12 @@ class LayerContext:
             handle.remove()
         return records
 
-    def observe(self, hessian: bool) -> dict[str, InputStats]:
+    def observe(self, hessian: bool, keep_outputs: bool = False) -> dict[str, InputStats]:
         """Run the layer once with input statistics collected for every linear.
 
         Linears that receive the very same input tensor (q/k/v, gate/up) share one statistics
-        object, so X^T X is computed once per distinct input.
+        object, so X^T X is computed once per distinct input. With ``keep_outputs`` the layer's
+        outputs of this same pass are kept in ``self.outputs`` (on ``cache_device``).
         """
         stats: dict[str, InputStats] = {}
         source_of: dict[str, str] = {}
@@ -166,14 +171,20 @@ class LayerContext:
         handles = [
             lin.register_forward_pre_hook(make_hook(name, lin)) for name, lin in self.layer.linears.items()
         ]
+        outputs: list[Tensor] = []
         try:
             for b in range(self.num_batches):
-                self.run_batch(b)
+                out = self.run_batch(b)
+                if keep_outputs:
+                    self._check_finite(out)
+                    outputs.append(out.to(self.cache_device))
                 live.clear()
                 keep_alive.clear()
         finally:
             for handle in handles:
                 handle.remove()
+        if keep_outputs:
+            self.outputs = outputs
         for name, st in stats.items():
             if st.nonfinite:
                 raise LLMPruneError(
@@ -199,6 +210,13 @@ def run_layerwise(
     """Prune every decoder layer of ``view`` with ``method``; return one report dict per layer.
 
     calib_ids: (num_samples, seqlen) token ids, or None for data-free methods.
+
+    ``method.propagate`` says what layer ``i + 1`` is calibrated on: the outputs of the pruned
+    layer ``i`` ("pruned", the papers' sequential protocol for Wanda/SparseGPT/Barber), or its
+    dense outputs ("dense", CFSP: every statistic comes from one pass of the dense model, which
+    is also what lets a global allocation run after all layers were seen). For "dense" the
+    outputs come from the same pass that observes the statistics, so each layer runs once.
+    The caller runs ``method.finalize(view)`` afterwards (global allocation, channel removal).
     """
     cache_device = cache_device or device
     model = view.model
@@ -219,10 +237,11 @@ def run_layerwise(
         for layer in bar:
             with onloaded(layer.module, device):
                 ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index], inputs.kwargs[layer.index])
-                if method.stats is not None:
-                    ctx.stats = ctx.observe(hessian=method.stats == "hessian")
+                dense = method.propagate == "dense"
+                if method.stats is not None or dense:
+                    ctx.stats = ctx.observe(hessian=method.stats == "hessian", keep_outputs=dense)
                 reports.append(_timed(method, ctx))
-                hidden = ctx.forward()
+                hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
             inputs.args[layer.index], inputs.kwargs[layer.index] = [], []  # free what this layer needed
     return reports
 

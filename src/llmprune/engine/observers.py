@@ -2,7 +2,8 @@
 
 ``update`` takes the layer input of any shape (..., in_features). ``sq_norm`` is the per-column
 sum of squares (Wanda's ||X_j||^2); ``hessian`` is X^T X (SparseGPT's H, up to a constant factor
-that cancels: dampening is relative to the mean diagonal).
+that cancels: dampening is relative to the mean diagonal); ``mean`` and ``variance`` are per-column
+moments over calibration tokens (FLAP's fluctuation and bias compensation).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ class InputStats:
         self.in_features = in_features
         self.tokens = 0
         self._sq_norm = torch.zeros(in_features, dtype=STATS_DTYPE, device=device)
+        self._sum = torch.zeros(in_features, dtype=torch.float64, device=device)
         self.hessian: Tensor | None = (
             torch.zeros(in_features, in_features, dtype=STATS_DTYPE, device=device) if hessian else None
         )
@@ -28,12 +30,27 @@ class InputStats:
         """(in_features,) sum over calibration tokens of x_j^2."""
         return torch.diagonal(self.hessian).clone() if self.hessian is not None else self._sq_norm
 
+    @property
+    def mean(self) -> Tensor:
+        """(in_features,) mean of x_j over calibration tokens."""
+        return (self._sum / max(self.tokens, 1)).to(STATS_DTYPE)
+
+    @property
+    def variance(self) -> Tensor:
+        """(in_features,) unbiased variance of x_j over calibration tokens."""
+        n = self.tokens
+        if n < 2:
+            return torch.zeros_like(self._sq_norm)
+        sq = self.sq_norm.double()
+        return ((sq - self._sum.pow(2) / n) / (n - 1)).clamp_min(0.0).to(STATS_DTYPE)
+
     def update(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, self.in_features).to(STATS_DTYPE)
         if not torch.isfinite(x).all():
             self.nonfinite = True
             return
         self.tokens += x.shape[0]
+        self._sum.add_(x.sum(dim=0, dtype=torch.float64))
         if self.hessian is not None:
             self.hessian.addmm_(x.t(), x)
         else:

@@ -29,6 +29,10 @@ class Method(ABC):
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     needs_calibration: ClassVar[bool] = True
     stats: ClassVar[Literal["sq_norm", "hessian"] | None] = "sq_norm"
+    # What the next layer is calibrated on (see engine.run_layerwise).
+    propagate: ClassVar[Literal["pruned", "dense"]] = "pruned"
+    # Structured methods change shapes; their reports carry a "structure" section.
+    structured: ClassVar[bool] = False
 
     def __init__(self, pattern: Pattern, options: MethodOptions) -> None:
         self.pattern = pattern
@@ -43,6 +47,10 @@ class Method(ABC):
     @abstractmethod
     def prune_layer(self, ctx: LayerContext) -> dict[str, Any]:
         """Prune the linears of ``ctx.layer`` in place and return a JSON-friendly report."""
+
+    def finalize(self, view: ModelView) -> dict[str, Any]:
+        """Global step after every layer was seen (allocation, channel removal); returns a report."""
+        return {}
 
 
 METHODS: Registry[type[Method]] = Registry("method")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -136,7 +137,8 @@ def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_model(name: str, dtype: str = "auto", device: str = "auto"):  # type: ignore[no-untyped-def]
     """Load (model, tokenizer). The model stays on the CPU; the engine moves one layer at a time.
 
-    Checkpoints saved by llmprune load like any other folder (unstructured pruning keeps shapes).
+    Checkpoints saved by llmprune load like any other folder (unstructured pruning keeps shapes);
+    structurally pruned ones with per-layer widths are rebuilt to their recorded shapes.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -146,9 +148,103 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto"):  # type: i
     if source.kind in ("builtin", "gguf"):
         location = str(gguf_to_folder(source.location))
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
+        if source.kind == "folder" and _structure_record(Path(location)) is not None:
+            model = load_structured(Path(location), torch_dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(location, dtype=torch_dtype)
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as exc:
         raise LLMPruneError(f"could not load model {name!r} from {location}: {exc}") from exc
     model.eval()
     return model, tokenizer
+
+
+def _structure_record(folder: Path) -> dict | None:  # type: ignore[type-arg]
+    from .surgery import STRUCTURE_KEY
+
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    record = config.get(STRUCTURE_KEY)
+    return record if isinstance(record, dict) else None
+
+
+def _checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values()))
+    elif (folder / "model.safetensors").is_file():
+        files = ["model.safetensors"]
+    else:
+        raise LLMPruneError(f"{folder} has no model.safetensors (or index); llmprune saves safetensors only")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in files:
+        path = folder / name
+        if not path.is_file():
+            raise LLMPruneError(f"{folder}: shard {name} named in the index is missing")
+        try:
+            tensors.update(load_file(str(path)))
+        except Exception as exc:  # safetensors raises its own error types for corrupt files
+            raise LLMPruneError(f"{path} cannot be read ({exc}); the checkpoint is corrupt") from None
+    return tensors
+
+
+def load_structured(folder: Path, dtype: torch.dtype):  # type: ignore[no-untyped-def]
+    """Rebuild a model whose layers have different MLP widths (recorded in its config) and load it.
+
+    The skeleton is built at the smallest recorded width without random initialization, each
+    layer's MLP is resized to its width, and the tensors are loaded strictly: a recorded width that
+    does not match the stored tensors is an error, not a silent re-initialization.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    from .surgery import STRUCTURE_KEY, mlp_group, resize_mlp_empty
+    from .view import model_view
+
+    config = AutoConfig.from_pretrained(str(folder))
+    record = getattr(config, STRUCTURE_KEY)
+    widths, field = record.get("mlp_widths"), record.get("width_field")
+    if not isinstance(widths, list) or not widths or not all(isinstance(w, int) and w > 0 for w in widths) or not field:
+        raise LLMPruneError(f"{folder}/config.json: {STRUCTURE_KEY} is malformed ({record}); it needs mlp_widths "
+                            f"(positive integers, one per layer) and width_field")
+    saved_width = getattr(config, field)
+    setattr(config, field, min(widths))
+    with no_init_weights():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    setattr(model.config, field, saved_width)
+    view = model_view(model)
+    if len(view.layers) != len(widths):
+        raise LLMPruneError(f"{folder}: {len(widths)} MLP widths recorded for a model with {len(view.layers)} layers")
+    for layer, width in zip(view.layers, widths, strict=True):
+        resize_mlp_empty(layer, width, out_bias=bool(record.get("mlp_out_bias", False)))
+    tensors = _checkpoint_tensors(folder)
+    expected = model.state_dict()
+    for layer, width in zip(view.layers, widths, strict=True):
+        group = mlp_group(layer)
+        key = f"{view.layers_path}.{layer.index}.{group.output_name}.weight"
+        got = tensors.get(key)
+        if got is None or tuple(got.shape) != tuple(expected[key].shape):
+            raise LLMPruneError(
+                f"{folder}: the config records MLP width {width} for layer {layer.index}, but {key} has shape "
+                f"{None if got is None else tuple(got.shape)}; the checkpoint's widths do not match its tensors"
+            )
+    mismatched = [k for k, t in tensors.items() if k in expected and tuple(t.shape) != tuple(expected[k].shape)]
+    if mismatched:
+        k = mismatched[0]
+        raise LLMPruneError(f"{folder}: tensor {k} has shape {tuple(tensors[k].shape)}, the rebuilt model expects "
+                            f"{tuple(expected[k].shape)} ({len(mismatched)} mismatched); the checkpoint is inconsistent")
+    result = model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in tensors.items()},
+                                   strict=False)
+    model.tie_weights()
+    loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in tensors}
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [k for k in result.missing_keys if not (k in params and id(params[k]) in loaded)]
+    if missing or result.unexpected_keys:
+        raise LLMPruneError(f"{folder}: checkpoint does not match the model: missing {missing[:5]}, "
+                            f"unexpected {list(result.unexpected_keys)[:5]}")
+    return model.eval()
+

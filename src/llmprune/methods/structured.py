@@ -1,0 +1,155 @@
+"""What every structured (channel-removing) method shares: budget, widths, removal, the report.
+
+A structured method scores the MLP channels of each layer while the engine runs the *dense* model
+(``propagate = "dense"``: all statistics come from one pass, as in CFSP's reference), then in
+:meth:`ChannelMethod.finalize` decides how many channels each layer keeps (its ``allocate``), keeps
+the highest-scoring ones and removes the others physically (:mod:`llmprune.models.surgery`).
+
+``--sparsity`` is the fraction of MLP channels removed (``method.target=mlp``, the reference's
+meaning) or of the model's parameters (``method.target=params``); the report states both.
+``round_to`` rounds each layer's kept width to a multiple (128 in the CFSP paper); ``uniform``
+forces the same width in every layer, which makes the result a stock checkpoint.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Literal
+
+import torch
+from pydantic import Field
+from torch import Tensor
+
+from ..engine.observers import InputStats
+from ..errors import LLMPruneError
+from ..models.surgery import MlpGroup, mlp_group, record_structure, shrink_mlp
+from ..models.view import ModelView
+from ..report import param_count
+from .base import Method, MethodOptions
+
+
+class ChannelOptions(MethodOptions):
+    target: Literal["mlp", "params"] = Field("mlp", description="--sparsity is a fraction of MLP channels (mlp) "
+                                             "or of all model parameters (params)")
+    round_to: int = Field(1, ge=1, description="round each layer's kept MLP width to a multiple of this")
+    uniform: bool = Field(False, description="same width in every layer (a stock checkpoint)")
+
+
+class ChannelMethod(Method):
+    """Base of cfsp, magnitude-sp, wanda-sp and flap."""
+
+    propagate = "dense"
+    structured = True
+    stats = "sq_norm"
+    Options = ChannelOptions
+    adds_out_bias = False
+
+    def __init__(self, pattern: Any, options: Any) -> None:
+        super().__init__(pattern, options)
+        self.scores: dict[int, Tensor] = {}
+        self.mlp_ratio = float(pattern.sparsity)
+        self.dense_params = 0
+        self.dense_width = 0
+
+    # --- checks before any work -------------------------------------------------------------
+    def validate(self, view: ModelView) -> None:
+        if self.pattern.is_nm:
+            raise LLMPruneError(f"{self.name} removes whole MLP channels; N:M patterns do not apply "
+                                f"(give --sparsity only)")
+        groups = [mlp_group(layer) for layer in view.layers]
+        widths = {g.width for g in groups}
+        if len(widths) != 1:
+            raise LLMPruneError(f"{self.name} needs a model whose layers share one MLP width; found widths "
+                                f"{sorted(widths)} (prune the dense model, not an already pruned one)")
+        width = widths.pop()
+        self.dense_width = width
+        self.dense_params = param_count(view.model)
+        opts: Any = self.options
+        if opts.round_to > width:
+            raise LLMPruneError(f"round_to={opts.round_to} is larger than the MLP width {width}; "
+                                f"choose a multiple <= {width}")
+        if opts.target == "params":
+            per_channel = groups[0].channel_params()
+            removable = per_channel * width * len(groups)
+            wanted = self.pattern.sparsity * self.dense_params
+            if wanted >= removable:
+                raise LLMPruneError(
+                    f"--sparsity {self.pattern.sparsity} of the parameters ({int(wanted):,}) is more than all MLP "
+                    f"channels hold ({removable:,} = {removable / self.dense_params:.3f} of the model); "
+                    f"choose a smaller --sparsity"
+                )
+            self.mlp_ratio = wanted / removable
+        keep = (1.0 - self.mlp_ratio) * width
+        if keep < 1.0:
+            raise LLMPruneError(f"--sparsity {self.pattern.sparsity} would leave {keep:.2f} of {width} MLP channels "
+                                f"per layer; every block needs at least one (choose a smaller --sparsity)")
+        self.validate_more(view)
+
+    def validate_more(self, view: ModelView) -> None:
+        """Method-specific checks (before any work)."""
+
+    # --- per layer: scores only (nothing is removed until every layer was seen) ---------------
+    def prune_layer(self, ctx: Any) -> dict[str, Any]:
+        group = mlp_group(ctx.layer)
+        stats: InputStats = ctx.stats[group.output_name]
+        self.scores[ctx.layer.index] = self.channel_scores(group, stats).detach().float().cpu()
+        self.observe_layer(ctx, group, stats)
+        return {"mlp_width": group.width}
+
+    @abstractmethod
+    def channel_scores(self, group: MlpGroup, stats: InputStats) -> Tensor:
+        """(width,) importance of each channel of one layer."""
+
+    def observe_layer(self, ctx: Any, group: MlpGroup, stats: InputStats) -> None:
+        """Anything else a method records per layer (block importance, activation means)."""
+
+    # --- global: how many channels each layer keeps, then removal ----------------------------
+    def allocate(self, view: ModelView) -> list[int]:
+        """Channels kept per layer. The default is the same width in every layer."""
+        return self.uniform_counts(len(view.layers))
+
+    def uniform_counts(self, n: int) -> list[int]:
+        """The same kept width in every layer: round((1 - ratio) * width), then to the multiple."""
+        round_to = self.options.round_to  # type: ignore[attr-defined]
+        kept = max(1, round((1.0 - self.mlp_ratio) * self.dense_width))
+        if round_to > 1:
+            kept = min(self.dense_width, max(round_to, round_to * round(kept / round_to)))
+        return [kept] * n
+
+    def out_bias_delta(self, layer_index: int, group: MlpGroup, removed: Tensor) -> Tensor | None:
+        """Added to the MLP output bias when ``removed`` channels go (FLAP's compensation)."""
+        return None
+
+    def allocation_report(self) -> dict[str, Any]:
+        return {}
+
+    def finalize(self, view: ModelView) -> dict[str, Any]:
+        opts: Any = self.options
+        counts = self.allocate(view)
+        if opts.uniform:
+            counts = self.uniform_counts(len(counts))
+        for layer, count in zip(view.layers, counts, strict=True):
+            if count < 1:
+                raise LLMPruneError(f"the allocation leaves layer {layer.index} with no MLP channels; "
+                                    f"choose a smaller --sparsity or set method.uniform=true")
+        for layer, count in zip(view.layers, counts, strict=True):
+            scores = self.scores.pop(layer.index)
+            order = torch.argsort(scores, descending=True, stable=True)
+            keep, removed = order[:count].sort().values, order[count:]
+            group = mlp_group(layer)
+            shrink_mlp(layer, keep, self.out_bias_delta(layer.index, group, removed))
+        checkpoint = record_structure(view, self.dense_width, self.adds_out_bias)
+        total = self.dense_width * len(view.layers)
+        pruned_params = param_count(view.model)
+        return {
+            "target": opts.target,
+            "sparsity_requested": self.pattern.sparsity,
+            "mlp_channels": {"dense": total, "kept": sum(counts), "removed_fraction": round(1 - sum(counts) / total, 6),
+                             "widths": counts, "dense_width": self.dense_width},
+            "params": {"dense": self.dense_params, "pruned": pruned_params,
+                       "removed_fraction": round(1 - pruned_params / self.dense_params, 6)},
+            "round_to": opts.round_to,
+            "uniform_widths": len(set(counts)) == 1,
+            "checkpoint": checkpoint,
+            **self.allocation_report(),
+        }
