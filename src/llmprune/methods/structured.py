@@ -14,6 +14,7 @@ forces the same width in every layer, which makes the result a stock checkpoint.
 from __future__ import annotations
 
 from abc import abstractmethod
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -25,7 +26,23 @@ from ..errors import LLMPruneError
 from ..models.surgery import MlpGroup, mlp_group, record_structure, shrink_mlp
 from ..models.view import ModelView
 from ..report import param_count
+from ..sparsity.allocation import IMPORTANCE_METRICS, block_importance
 from .base import Method, MethodOptions
+
+
+@dataclass
+class LayerChannelStats:
+    """What one calibration pass records per layer; every structured method scores from this alone.
+
+    Because scores are computed at ``finalize`` from these statistics and the (still dense)
+    weights, one pass can serve several methods and ratios (``benchmarks/structured.py`` does).
+    """
+
+    sq_norm: Tensor  # (width,) sum over tokens of X_j^2, X = input of the MLP output linear
+    mean: Tensor  # (width,) mean of X_j
+    variance: Tensor  # (width,) variance of X_j
+    tokens: int
+    importance: dict[str, float]  # block importance by metric, summed over tokens
 
 
 class ChannelOptions(MethodOptions):
@@ -46,7 +63,7 @@ class ChannelMethod(Method):
 
     def __init__(self, pattern: Any, options: Any) -> None:
         super().__init__(pattern, options)
-        self.scores: dict[int, Tensor] = {}
+        self.layer_stats: dict[int, LayerChannelStats] = {}
         self.mlp_ratio = float(pattern.sparsity)
         self.dense_params = 0
         self.dense_width = 0
@@ -88,23 +105,25 @@ class ChannelMethod(Method):
     def validate_more(self, view: ModelView) -> None:
         """Method-specific checks (before any work)."""
 
-    # --- per layer: scores only (nothing is removed until every layer was seen) ---------------
+    # --- per layer: statistics only (nothing is removed until every layer was seen) -----------
     def prune_layer(self, ctx: Any) -> dict[str, Any]:
         group = mlp_group(ctx.layer)
-        stats: InputStats = ctx.stats[group.output_name]
-        self.scores[ctx.layer.index] = self.channel_scores(group, stats).detach().float().cpu()
-        self.observe_layer(ctx, group, stats)
-        return {"mlp_width": group.width}
+        st: InputStats = ctx.stats[group.output_name]
+        assert ctx.outputs is not None, "structured methods propagate dense outputs"
+        importance = dict.fromkeys(IMPORTANCE_METRICS, 0.0)
+        for h_in, h_out in zip(ctx.hidden, ctx.outputs, strict=True):
+            for metric in IMPORTANCE_METRICS:
+                importance[metric] += block_importance(h_in, h_out, metric)  # type: ignore[arg-type]
+        self.layer_stats[ctx.layer.index] = LayerChannelStats(
+            st.sq_norm.cpu(), st.mean.cpu(), st.variance.cpu(), st.tokens, importance)
+        return {"mlp_width": group.width, "block_importance": importance}
 
     @abstractmethod
-    def channel_scores(self, group: MlpGroup, stats: InputStats) -> Tensor:
-        """(width,) importance of each channel of one layer."""
-
-    def observe_layer(self, ctx: Any, group: MlpGroup, stats: InputStats) -> None:
-        """Anything else a method records per layer (block importance, activation means)."""
+    def channel_scores(self, group: MlpGroup, stats: LayerChannelStats) -> Tensor:
+        """(width,) importance of each channel of one layer (from the dense weights and the stats)."""
 
     # --- global: how many channels each layer keeps, then removal ----------------------------
-    def allocate(self, view: ModelView) -> list[int]:
+    def allocate(self, view: ModelView, scores: dict[int, Tensor]) -> list[int]:
         """Channels kept per layer. The default is the same width in every layer."""
         return self.uniform_counts(len(view.layers))
 
@@ -116,6 +135,11 @@ class ChannelMethod(Method):
             kept = min(self.dense_width, max(round_to, round_to * round(kept / round_to)))
         return [kept] * n
 
+    def scores(self, view: ModelView) -> dict[int, Tensor]:
+        """Channel scores of every layer, from the recorded statistics and the current weights."""
+        return {layer.index: self.channel_scores(mlp_group(layer), self.layer_stats[layer.index]).detach().float().cpu()
+                for layer in view.layers}
+
     def out_bias_delta(self, layer_index: int, group: MlpGroup, removed: Tensor) -> Tensor | None:
         """Added to the MLP output bias when ``removed`` channels go (FLAP's compensation)."""
         return None
@@ -125,7 +149,11 @@ class ChannelMethod(Method):
 
     def finalize(self, view: ModelView) -> dict[str, Any]:
         opts: Any = self.options
-        counts = self.allocate(view)
+        missing = [layer.index for layer in view.layers if layer.index not in self.layer_stats]
+        if missing:
+            raise LLMPruneError(f"{self.name}: no calibration statistics for layers {missing}")
+        all_scores = self.scores(view)
+        counts = self.allocate(view, all_scores)
         if opts.uniform:
             counts = self.uniform_counts(len(counts))
         for layer, count in zip(view.layers, counts, strict=True):
@@ -133,7 +161,7 @@ class ChannelMethod(Method):
                 raise LLMPruneError(f"the allocation leaves layer {layer.index} with no MLP channels; "
                                     f"choose a smaller --sparsity or set method.uniform=true")
         for layer, count in zip(view.layers, counts, strict=True):
-            scores = self.scores.pop(layer.index)
+            scores = all_scores[layer.index]
             order = torch.argsort(scores, descending=True, stable=True)
             keep, removed = order[:count].sort().values, order[count:]
             group = mlp_group(layer)

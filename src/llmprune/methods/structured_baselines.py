@@ -11,18 +11,15 @@ MLP channels only, like the other methods here, so ``--sparsity`` means the same
 
 from __future__ import annotations
 
-from typing import Any
-
 import torch
 from torch import Tensor
 
-from ..engine.observers import InputStats
 from ..models.surgery import MlpGroup
 from ..models.view import ModelView
 from ..sparsity import channels
 from ..sparsity.allocation import channel_counts
 from .base import METHODS
-from .structured import ChannelMethod
+from .structured import ChannelMethod, LayerChannelStats
 
 
 @METHODS.register("magnitude-sp")
@@ -30,7 +27,7 @@ class MagnitudeSP(ChannelMethod):
     name = "magnitude-sp"
     summary = "structured: MLP channels by output column norm, uniform widths"
 
-    def channel_scores(self, group: MlpGroup, stats: InputStats) -> Tensor:
+    def channel_scores(self, group: MlpGroup, stats: LayerChannelStats) -> Tensor:
         return channels.magnitude_sp(group.output.weight)
 
 
@@ -39,7 +36,7 @@ class WandaSP(ChannelMethod):
     name = "wanda-sp"
     summary = "structured: MLP channels by mean |W| x ||X||, uniform widths (An et al. 2024)"
 
-    def channel_scores(self, group: MlpGroup, stats: InputStats) -> Tensor:
+    def channel_scores(self, group: MlpGroup, stats: LayerChannelStats) -> Tensor:
         return channels.wanda_sp(group.output.weight, stats.sq_norm)
 
 
@@ -49,20 +46,13 @@ class Flap(ChannelMethod):
     summary = "structured: fluctuation x column norm^2, standardized, global threshold, bias compensation (An et al. 2024)"
     adds_out_bias = True
 
-    def __init__(self, pattern: Any, options: Any) -> None:
-        super().__init__(pattern, options)
-        self.means: dict[int, Tensor] = {}
-
-    def channel_scores(self, group: MlpGroup, stats: InputStats) -> Tensor:
+    def channel_scores(self, group: MlpGroup, stats: LayerChannelStats) -> Tensor:
         return channels.flap(group.output.weight, stats.variance)
 
-    def observe_layer(self, ctx: Any, group: MlpGroup, stats: InputStats) -> None:
-        self.means[ctx.layer.index] = stats.mean.cpu()
-
-    def allocate(self, view: ModelView) -> list[int]:
+    def allocate(self, view: ModelView, scores: dict[int, Tensor]) -> list[int]:
         """One threshold over the per-layer standardized scores removes the requested fraction."""
         idx = [layer.index for layer in view.layers]
-        z = torch.cat([channels.standardize(self.scores[i]) for i in idx])
+        z = torch.cat([channels.standardize(scores[i]) for i in idx])
         remove = int(round(self.mlp_ratio * z.numel()))
         removed = torch.zeros(z.numel(), dtype=torch.bool)
         removed[torch.argsort(z, stable=True)[:remove]] = True
@@ -72,6 +62,6 @@ class Flap(ChannelMethod):
         return [max(c, 1) for c in counts]
 
     def out_bias_delta(self, layer_index: int, group: MlpGroup, removed: Tensor) -> Tensor | None:
-        mean = self.means.pop(layer_index).to(group.output.weight.device)
+        mean = self.layer_stats[layer_index].mean.to(group.output.weight.device)
         w = group.output.weight.detach().float()
         return w[:, removed] @ mean[removed]
