@@ -326,3 +326,95 @@ def test_structured_methods_listed() -> None:
     for name in STRUCTURED:
         assert name in METHODS
     assert set(FAMILIES) >= {"llama", "opt", "phi3"}
+
+
+def test_one_calibration_pass_serves_every_method_and_ratio(calib_file: Path) -> None:
+    """What benchmarks/structured.py relies on: finalize from another method's recorded statistics
+    gives exactly the model a separate run gives."""
+    from llmprune.engine.engine import run_layerwise
+    from llmprune.methods import METHODS
+    from llmprune.sparsity.patterns import parse_pattern
+
+    tok = byte_level_tokenizer()
+    collector_model = tiny_model("qwen2", vocab_size=257)
+    collector = METHODS.get("cfsp")(parse_pattern(None, 0.0), METHODS.get("cfsp").Options())
+    run_layerwise(model_view(collector_model), collector, _calib(tok, calib_file), device=torch.device("cpu"))
+    for method, opts in [("flap", {}), ("cfsp", {"score": "faithful"}), ("wanda-sp", {})]:
+        separate = llmprune.prune(tiny_model("qwen2", vocab_size=257), tokenizer=tok, method=method, sparsity=0.4,
+                                  calib_dataset=str(calib_file), nsamples=4, seqlen=32, method_options=opts)
+        cls = METHODS.get(method)
+        inst = cls(parse_pattern(None, 0.4), cls.Options(**opts))
+        model = tiny_model("qwen2", vocab_size=257)
+        view = model_view(model)
+        inst.validate(view)
+        inst.layer_stats = collector.layer_stats
+        inst.finalize(view)
+        for (name, a), (_, b) in zip(model.state_dict().items(), separate.model.state_dict().items(), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
+# ------------------------------------------------------------------ optional attention pruning (KV groups)
+
+ATTN_SAFE = ["llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3"]
+
+
+@pytest.mark.parametrize("family", ATTN_SAFE)
+def test_attention_dead_kv_group_removed_without_changing_logits(family: str, calib_file: Path) -> None:
+    model = tiny_model(family, vocab_size=257, num_key_value_heads=4)
+    from llmprune.models.surgery import attn_group
+
+    for layer in model_view(model).layers:  # KV group 2 of every layer outputs nothing (its values are 0)
+        group = attn_group(layer)
+        v = group.linear("v")
+        with torch.no_grad():
+            v.weight[group.kv_rows(torch.tensor([2]))] = 0.0
+            if v.bias is not None:
+                v.bias[group.kv_rows(torch.tensor([2]))] = 0.0
+    ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+    result = llmprune.prune(model, tokenizer=byte_level_tokenizer(), method="cfsp", sparsity=0.0,
+                            calib_dataset=str(calib_file), nsamples=4, seqlen=32,
+                            method_options={"importance": "uniform", "attention": 0.25})
+    att = result.report["structure"]["attention"]
+    assert att["kv_heads"] == [3, 3, 3] and att["kv_heads_dense"] == [4, 4, 4]
+    for layer in model_view(model).layers:
+        group = attn_group(layer)
+        assert group.linear("q").out_features == 3 * group.q_per_kv * group.head_dim
+        assert group.linear("o").in_features == group.linear("q").out_features
+        assert group.linear("k").out_features == group.linear("v").out_features == 3 * group.head_dim
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=2e-5)
+        model.generate(input_ids=ids[:, :5], attention_mask=torch.ones_like(ids[:, :5]), max_new_tokens=4,
+                       do_sample=False)  # the KV cache works with fewer heads
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
+def test_attention_pruned_checkpoint_reloads(family: str, calib_file: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "dense"
+    tiny_model(family, vocab_size=257, num_key_value_heads=4).save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    for uniform in (False, True):
+        out = tmp_path / f"out-{uniform}"
+        result = llmprune.prune(str(folder), method="cfsp", sparsity=0.25, calib_dataset=str(calib_file), nsamples=4,
+                                seqlen=32, output=str(out), method_options={"attention": 0.5, "uniform": uniform,
+                                                                             "importance": "mse"})
+        ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+        reloaded = (AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32) if uniform
+                    else llmprune.load(out)[0]).eval()
+        if uniform:
+            assert result.report["structure"]["checkpoint"]["stock_checkpoint"] is True
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded(input_ids=ids).logits, result.model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["phi3", "opt"])
+def test_attention_pruning_refused_where_heads_are_not_removable(family: str, calib_file: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmprune.api
+
+    monkeypatch.setattr(llmprune.api, "calibration_windows", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    with pytest.raises(LLMPruneError, match="cannot be removed safely"):
+        llmprune.prune(tiny_model(family, vocab_size=257), tokenizer=byte_level_tokenizer(), method="cfsp",
+                       sparsity=0.2, calib_dataset=str(calib_file), nsamples=4, seqlen=32,
+                       method_options={"attention": 0.5})

@@ -26,7 +26,7 @@ import torch
 from pydantic import Field
 from torch import Tensor
 
-from ..models.surgery import MlpGroup
+from ..models.surgery import MlpGroup, attn_group
 from ..models.view import ModelView
 from ..sparsity import channels
 from ..sparsity.allocation import Importance, channel_counts, keep_fractions
@@ -43,6 +43,8 @@ class CfspOptions(ChannelOptions):
     score: Literal["faithful", "weight_aware"] = Field(
         "weight_aware", description="fine channel score: weight_aware (the paper's formula normalized over "
         "channels) or faithful (the released code, which ranks by ||X|| alone)")
+    attention: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of KV groups (a KV head with its query "
+                             "heads) to remove, allocated by the same block importance; 0 = attention untouched")
     b: float = Field(1.0, description="exponent of ||X_j|| on the output weights")
     c: float = Field(1.0, description="exponent of ||X_j|| on the summed weight terms")
 
@@ -62,6 +64,16 @@ class Cfsp(ChannelMethod):
         w_ins = [part for name in group.inputs for part in group.input_rows(name).unbind(1)]
         fn = channels.cfsp_faithful if opts.score == "faithful" else channels.cfsp_weight_aware
         return fn(group.output.weight, w_ins, stats.sq_norm, b=opts.b, c=opts.c)
+
+    def attention_ratio(self) -> float:
+        return float(self.options.attention)  # type: ignore[attr-defined]
+
+    def allocate_attention(self, view: ModelView) -> list[int]:
+        opts: Any = self.options
+        tokens = self.layer_stats[view.layers[0].index].tokens
+        keep = keep_fractions(self.importances(view), opts.attention, opts.a, tokens=tokens, normalize=opts.normalize)
+        n_kv = attn_group(view.layers[0]).kv_heads
+        return [max(1, c) for c in channel_counts(keep, n_kv)]
 
     def importances(self, view: ModelView) -> Tensor:
         metric = self.options.importance  # type: ignore[attr-defined]

@@ -23,7 +23,8 @@ from torch import Tensor
 
 from ..engine.observers import InputStats
 from ..errors import LLMPruneError
-from ..models.surgery import MlpGroup, mlp_group, record_structure, shrink_mlp
+from ..models.roles import Role
+from ..models.surgery import MlpGroup, attn_group, mlp_group, record_structure, shrink_attention, shrink_mlp
 from ..models.view import ModelView
 from ..report import param_count
 from ..sparsity.allocation import IMPORTANCE_METRICS, block_importance
@@ -43,6 +44,7 @@ class LayerChannelStats:
     variance: Tensor  # (width,) variance of X_j
     tokens: int
     importance: dict[str, float]  # block importance by metric, summed over tokens
+    attn_sq_norm: Tensor | None = None  # (heads * head_dim,) sum of squares of the attention output linear's input
 
 
 class ChannelOptions(MethodOptions):
@@ -100,7 +102,19 @@ class ChannelMethod(Method):
         if keep < 1.0:
             raise LLMPruneError(f"--sparsity {self.pattern.sparsity} would leave {keep:.2f} of {width} MLP channels "
                                 f"per layer; every block needs at least one (choose a smaller --sparsity)")
+        if self.attention_ratio() > 0:
+            if opts.target == "params":
+                raise LLMPruneError("method.target=params applies to MLP channels only; with attention pruning give "
+                                    "--sparsity as the fraction of MLP channels (method.target=mlp)")
+            kv = {attn_group(layer).kv_heads for layer in view.layers}  # raises where heads are not removable
+            if (1.0 - self.attention_ratio()) * min(kv) < 1.0:
+                raise LLMPruneError(f"method.attention={self.attention_ratio()} would leave no KV group in a layer "
+                                    f"with {min(kv)} KV heads; choose a smaller fraction")
         self.validate_more(view)
+
+    def attention_ratio(self) -> float:
+        """Fraction of KV groups to remove (0: attention untouched)."""
+        return 0.0
 
     def validate_more(self, view: ModelView) -> None:
         """Method-specific checks (before any work)."""
@@ -114,8 +128,9 @@ class ChannelMethod(Method):
         for h_in, h_out in zip(ctx.hidden, ctx.outputs, strict=True):
             for metric in IMPORTANCE_METRICS:
                 importance[metric] += block_importance(h_in, h_out, metric)  # type: ignore[arg-type]
+        (attn_out,) = ctx.layer.by_role(Role.ATTN_OUT)
         self.layer_stats[ctx.layer.index] = LayerChannelStats(
-            st.sq_norm.cpu(), st.mean.cpu(), st.variance.cpu(), st.tokens, importance)
+            st.sq_norm.cpu(), st.mean.cpu(), st.variance.cpu(), st.tokens, importance, ctx.stats[attn_out].sq_norm.cpu())
         return {"mlp_width": group.width, "block_importance": importance}
 
     @abstractmethod
@@ -166,7 +181,8 @@ class ChannelMethod(Method):
             keep, removed = order[:count].sort().values, order[count:]
             group = mlp_group(layer)
             shrink_mlp(layer, keep, self.out_bias_delta(layer.index, group, removed))
-        checkpoint = record_structure(view, self.dense_width, self.adds_out_bias)
+        attention = self.prune_attention(view) if self.attention_ratio() > 0 else None
+        checkpoint = record_structure(view, self.dense_width, self.adds_out_bias, attention_pruned=attention is not None)
         total = self.dense_width * len(view.layers)
         pruned_params = param_count(view.model)
         return {
@@ -179,5 +195,36 @@ class ChannelMethod(Method):
             "round_to": opts.round_to,
             "uniform_widths": len(set(counts)) == 1,
             "checkpoint": checkpoint,
+            **({"attention": attention} if attention is not None else {}),
             **self.allocation_report(),
         }
+
+    # --- optional attention pruning: whole KV groups --------------------------------------------
+    def kv_group_scores(self, view: ModelView) -> dict[int, Tensor]:
+        """Per layer, one score per KV group: sum over its query heads' o_proj input columns of
+        mean_i |W_o_ij| * ||X_j|| (Wanda-SP on the attention output projection)."""
+        out = {}
+        for layer in view.layers:
+            group = attn_group(layer)
+            sq = self.layer_stats[layer.index].attn_sq_norm
+            assert sq is not None
+            col = (group.linear("o").weight.detach().float().abs() * sq.to(group.linear("o").weight.device).sqrt()).mean(0)
+            per_kv = col.reshape(group.kv_heads, group.q_per_kv * group.head_dim).sum(dim=1)
+            out[layer.index] = per_kv.cpu()
+        return out
+
+    def allocate_attention(self, view: ModelView) -> list[int]:
+        """KV groups kept per layer; the default is the same count everywhere."""
+        n_kv = attn_group(view.layers[0]).kv_heads
+        return [max(1, round((1.0 - self.attention_ratio()) * n_kv))] * len(view.layers)
+
+    def prune_attention(self, view: ModelView) -> dict[str, Any]:
+        scores = self.kv_group_scores(view)
+        dense = [attn_group(layer).kv_heads for layer in view.layers]
+        counts = (ChannelMethod.allocate_attention(self, view) if self.options.uniform  # type: ignore[attr-defined]
+                  else self.allocate_attention(view))
+        for layer, count in zip(view.layers, counts, strict=True):
+            order = torch.argsort(scores[layer.index], descending=True, stable=True)
+            shrink_attention(layer, order[:count])
+        return {"ratio_requested": self.attention_ratio(), "kv_heads_dense": dense, "kv_heads": counts,
+                "removed_fraction": round(1 - sum(counts) / sum(dense), 6)}

@@ -202,7 +202,7 @@ def load_structured(folder: Path, dtype: torch.dtype):  # type: ignore[no-untype
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
 
-    from .surgery import STRUCTURE_KEY, mlp_group, resize_mlp_empty
+    from .surgery import STRUCTURE_KEY, mlp_group, resize_attention_empty, resize_mlp_empty
     from .view import model_view
 
     config = AutoConfig.from_pretrained(str(folder))
@@ -219,8 +219,15 @@ def load_structured(folder: Path, dtype: torch.dtype):  # type: ignore[no-untype
     view = model_view(model)
     if len(view.layers) != len(widths):
         raise LLMPruneError(f"{folder}: {len(widths)} MLP widths recorded for a model with {len(view.layers)} layers")
+    kv_heads = record.get("attn_kv_heads")
+    if kv_heads is not None and (not isinstance(kv_heads, list) or len(kv_heads) != len(widths)
+                                 or not all(isinstance(h, int) and h > 0 for h in kv_heads)):
+        raise LLMPruneError(f"{folder}/config.json: {STRUCTURE_KEY}.attn_kv_heads is malformed ({kv_heads}); it needs "
+                            f"one positive integer per layer")
     for layer, width in zip(view.layers, widths, strict=True):
         resize_mlp_empty(layer, width, out_bias=bool(record.get("mlp_out_bias", False)))
+        if kv_heads is not None:
+            resize_attention_empty(layer, kv_heads[layer.index])
     tensors = _checkpoint_tensors(folder)
     expected = model.state_dict()
     for layer, width in zip(view.layers, widths, strict=True):

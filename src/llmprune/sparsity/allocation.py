@@ -58,6 +58,8 @@ def keep_fractions(importance: Tensor, ratio: float, a: float = 1.0, *, tokens: 
     """
     if not 0.0 <= ratio < 1.0:
         raise LLMPruneError(f"pruning ratio must be in [0, 1), got {ratio}")
+    if ratio == 0.0:
+        return torch.ones(importance.shape, dtype=torch.float32)
     imp = importance.double()
     if normalize == "per_token":
         if not tokens:
@@ -68,7 +70,7 @@ def keep_fractions(importance: Tensor, ratio: float, a: float = 1.0, *, tokens: 
     s = torch.sigmoid(a * (imp - imp.mean()) / SIGMOID_SCALE)
     mean, top = s.mean(), s.max()
     keep_mean = 1.0 - ratio
-    if top / mean * keep_mean >= 1.0:
+    if top / mean * keep_mean >= 1.0 and top > mean:
         scale = mean * (1.0 / keep_mean - 1.0) / (top - mean) / 1.05
         s = mean + (s - mean) * scale
         mean = s.mean()
