@@ -418,3 +418,30 @@ def test_attention_pruning_refused_where_heads_are_not_removable(family: str, ca
         llmprune.prune(tiny_model(family, vocab_size=257), tokenizer=byte_level_tokenizer(), method="cfsp",
                        sparsity=0.2, calib_dataset=str(calib_file), nsamples=4, seqlen=32,
                        method_options={"attention": 0.5})
+
+
+def test_cli_structured_prune_and_eval(tiny_model_dir, calib_file: Path, data_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmprune.cli import app
+
+    runner = CliRunner()
+    out = tmp_path / "cli-cfsp"
+    args = ["prune", "--model", str(tiny_model_dir("qwen2")), "--method", "cfsp", "--sparsity", "0.25",
+            "--output", str(out), "--calib-dataset", str(calib_file), "--nsamples", "4", "--seqlen", "32",
+            "--data-dir", str(data_dir), "--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "1",
+            "--set", "method.round_to=16", "--set", "method.attention=0.5"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "MLP channels removed" in res.output and "parameters removed" in res.output
+    rep = json.loads((out / "llmprune.json").read_text())
+    assert rep["recipe"]["method"]["round_to"] == 16 and rep["recipe"]["method"]["attention"] == 0.5
+    assert all(w % 16 == 0 for w in rep["structure"]["mlp_channels"]["widths"])
+    assert rep["params"]["total"] == rep["structure"]["params"]["pruned"] < rep["params"]["dense"]
+    js = tmp_path / "eval.json"
+    ev = runner.invoke(app, ["eval", "--model", str(out), "--eval", "wikitext2", "--eval-seqlen", "64",
+                             "--eval-windows", "1", "--data-dir", str(data_dir), "--json", str(js)])
+    assert ev.exit_code == 0, ev.output
+    assert json.loads(js.read_text())["eval"]["wikitext2"]["ppl"] == pytest.approx(rep["eval"]["wikitext2"]["ppl"], rel=1e-6)
+    bad = runner.invoke(app, [*args[:-4], "--set", "method.round_to=1000", "--overwrite"])
+    assert bad.exit_code == 2 and "larger than the MLP width" in bad.output

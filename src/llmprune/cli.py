@@ -99,6 +99,14 @@ def prune(
     summary.add_row("sparsity (decoder linears)", f"{rep['sparsity']['overall']:.4f}")
     if "nm_valid" in rep["sparsity"]:
         summary.add_row(f"{rep['sparsity']['pattern']} valid", str(rep["sparsity"]["nm_valid"]))
+    if "structure" in rep:
+        st = rep["structure"]
+        summary.add_row("MLP channels removed", f"{st['mlp_channels']['removed_fraction']:.4f} "
+                        f"({st['mlp_channels']['dense'] - st['mlp_channels']['kept']:,} of {st['mlp_channels']['dense']:,})")
+        if "attention" in st:
+            summary.add_row("KV groups removed", f"{st['attention']['removed_fraction']:.4f}")
+        summary.add_row("parameters removed", f"{st['params']['removed_fraction']:.4f} "
+                        f"({st['params']['dense']:,} -> {st['params']['pruned']:,})")
     summary.add_row("parameters", f"{rep['params']['total']:,}")
     summary.add_row("prune time", f"{rep['timings']['prune_s']:.1f} s")
     summary.add_row("peak RSS", f"{rep['memory']['peak_rss_mb']:.0f} MB")

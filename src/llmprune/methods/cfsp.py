@@ -85,7 +85,8 @@ class Cfsp(ChannelMethod):
         tokens = self.layer_stats[view.layers[0].index].tokens
         keep = keep_fractions(self.importances(view), self.mlp_ratio, opts.a, tokens=tokens, normalize=opts.normalize)
         self.keep = [round(float(k), 6) for k in keep]
-        return channel_counts(keep, self.dense_width, opts.round_to)
+        # At high ratios the least important block's share can round to 0 channels; it keeps one.
+        return [max(1, c) for c in channel_counts(keep, self.dense_width, opts.round_to)]
 
     def allocation_report(self) -> dict[str, Any]:
         first = next(iter(self.layer_stats.values()))
