@@ -110,14 +110,10 @@ class ChannelMethod(Method):
             if (1.0 - self.attention_ratio()) * min(kv) < 1.0:
                 raise LLMPruneError(f"method.attention={self.attention_ratio()} would leave no KV group in a layer "
                                     f"with {min(kv)} KV heads; choose a smaller fraction")
-        self.validate_more(view)
 
     def attention_ratio(self) -> float:
         """Fraction of KV groups to remove (0: attention untouched)."""
         return 0.0
-
-    def validate_more(self, view: ModelView) -> None:
-        """Method-specific checks (before any work)."""
 
     # --- per layer: statistics only (nothing is removed until every layer was seen) -----------
     def prune_layer(self, ctx: Any) -> dict[str, Any]:
