@@ -445,3 +445,12 @@ def test_cli_structured_prune_and_eval(tiny_model_dir, calib_file: Path, data_di
     assert json.loads(js.read_text())["eval"]["wikitext2"]["ppl"] == pytest.approx(rep["eval"]["wikitext2"]["ppl"], rel=1e-6)
     bad = runner.invoke(app, [*args[:-4], "--set", "method.round_to=1000", "--overwrite"])
     assert bad.exit_code == 2 and "larger than the MLP width" in bad.output
+
+
+@pytest.mark.parametrize(("score", "baseline"), [("wanda_sp", "wanda-sp"), ("magnitude", "magnitude-sp")])
+def test_cfsp_baseline_score_forms_under_uniform_allocation_equal_the_baselines(score: str, baseline: str,
+                                                                                calib_file: Path) -> None:
+    a = _prune_tiny("llama", "cfsp", calib_file, score=score, importance="uniform")
+    b = _prune_tiny("llama", baseline, calib_file)
+    for (name, x), (_, y) in zip(a.model.state_dict().items(), b.model.state_dict().items(), strict=True):
+        torch.testing.assert_close(x, y, rtol=0, atol=0, msg=name)

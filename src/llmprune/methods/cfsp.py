@@ -43,9 +43,10 @@ class CfspOptions(ChannelOptions):
     normalize: Literal["reference", "per_token"] = Field(
         "per_token", description="per_token: the reference's sharpness at any calibration size (equal to "
         "reference at 128 x 1024 tokens); reference: I summed over tokens / 1e4, as released")
-    score: Literal["faithful", "weight_aware"] = Field(
+    score: Literal["faithful", "weight_aware", "wanda_sp", "magnitude"] = Field(
         "weight_aware", description="fine channel score: weight_aware (the paper's formula normalized over "
-        "channels) or faithful (the released code, which ranks by ||X|| alone)")
+        "channels), faithful (the released code, which ranks by ||X|| alone), wanda_sp (mean_i |W_ij| ||X_j||) "
+        "or magnitude (output column norm), each under CFSP's allocation")
     attention: float = Field(0.0, ge=0.0, lt=1.0, description="fraction of KV groups (a KV head with its query "
                              "heads) to remove, allocated by the same block importance; 0 = attention untouched")
     b: float = Field(1.0, description="exponent of ||X_j|| on the output weights")
@@ -64,6 +65,10 @@ class Cfsp(ChannelMethod):
 
     def channel_scores(self, group: MlpGroup, stats: LayerChannelStats) -> Tensor:
         opts: Any = self.options
+        if opts.score == "wanda_sp":
+            return channels.wanda_sp(group.output.weight, stats.sq_norm)
+        if opts.score == "magnitude":
+            return channels.magnitude_sp(group.output.weight)
         w_ins = [part for name in group.inputs for part in group.input_rows(name).unbind(1)]
         fn = channels.cfsp_faithful if opts.score == "faithful" else channels.cfsp_weight_aware
         return fn(group.output.weight, w_ins, stats.sq_norm, b=opts.b, c=opts.c)
