@@ -234,10 +234,10 @@ def run_layerwise(
         with _outside_layers_onloaded(model, view.layer_list, device):
             inputs = capture_layer_inputs(model, view.layer_list, batches, device=device, cache_device=cache_device)
         hidden = inputs.hidden
+        dense = method.propagate == "dense"
         for layer in bar:
             with onloaded(layer.module, device):
                 ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index], inputs.kwargs[layer.index])
-                dense = method.propagate == "dense"
                 if method.stats is not None or dense:
                     ctx.stats = ctx.observe(hessian=method.stats == "hessian", keep_outputs=dense)
                 reports.append(_timed(method, ctx))

@@ -77,9 +77,7 @@ class Cfsp(ChannelMethod):
         return float(self.options.attention)  # type: ignore[attr-defined]
 
     def allocate_attention(self, view: ModelView) -> list[int]:
-        opts: Any = self.options
-        tokens = self.layer_stats[view.layers[0].index].tokens
-        keep = keep_fractions(self.importances(view), opts.attention, opts.a, tokens=tokens, normalize=opts.normalize)
+        keep = self.keep_fractions(view, self.attention_ratio())
         n_kv = attn_group(view.layers[0]).kv_heads
         return [max(1, c) for c in channel_counts(keep, n_kv)]
 
@@ -88,10 +86,15 @@ class Cfsp(ChannelMethod):
         return torch.tensor([self.layer_stats[layer.index].importance[metric] for layer in view.layers],
                             dtype=torch.float64)
 
-    def allocate(self, view: ModelView, scores: dict[int, Tensor]) -> list[int]:
+    def keep_fractions(self, view: ModelView, ratio: float) -> Tensor:
+        """Per-block keep fractions for ``ratio`` from the coarse block importance (MLP and attention alike)."""
         opts: Any = self.options
         tokens = self.layer_stats[view.layers[0].index].tokens
-        keep = keep_fractions(self.importances(view), self.mlp_ratio, opts.a, tokens=tokens, normalize=opts.normalize)
+        return keep_fractions(self.importances(view), ratio, opts.a, tokens=tokens, normalize=opts.normalize)
+
+    def allocate(self, view: ModelView, scores: dict[int, Tensor]) -> list[int]:
+        opts: Any = self.options
+        keep = self.keep_fractions(view, self.mlp_ratio)
         self.keep = [round(float(k), 6) for k in keep]
         # At high ratios the least important block's share can round to 0 channels; it keeps one.
         return [max(1, c) for c in channel_counts(keep, self.dense_width, opts.round_to)]
