@@ -16,6 +16,7 @@ from .data.tokens import calibration_windows, evaluation_tokens, token_hash
 from .engine.engine import run_layerwise
 from .errors import LLMPruneError
 from .eval.perplexity import perplexity
+from .eval.zeroshot import PreparedTasks, prepare_tasks, run_zeroshot
 from .io.save import check_output_dir, save_run
 from .methods import METHODS, Method
 from .models.loading import load_model, pick_device
@@ -43,6 +44,10 @@ FIELD_NAMES = {
     "eval_seqlen": "eval.seqlen",
     "eval_windows": "eval.windows",
     "eval_dense": "eval.dense",
+    "tasks": "eval.tasks",
+    "limit": "eval.limit",
+    "num_fewshot": "eval.num_fewshot",
+    "include_path": "eval.include_path",
     "data_dir": "data_dir",
     "output": "output",
     "overwrite": "overwrite",
@@ -56,6 +61,7 @@ class PruneResult:
     report: dict[str, Any]
     output: Path | None = None
     layer_reports: list[dict[str, Any]] = field(default_factory=list)
+    method: Method | None = None
 
 
 def fields_from_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -63,8 +69,9 @@ def fields_from_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     if unknown:
         raise LLMPruneError(f"unknown argument(s) {sorted(unknown)}; known: {sorted(FIELD_NAMES)} and method_options")
     fields = {FIELD_NAMES[k]: v for k, v in kwargs.items() if k in FIELD_NAMES}
-    if isinstance(fields.get("eval.datasets"), str):
-        fields["eval.datasets"] = [d.strip() for d in fields["eval.datasets"].split(",") if d.strip()]
+    for key in ("eval.datasets", "eval.tasks"):
+        if isinstance(fields.get(key), str):
+            fields[key] = [d.strip() for d in fields[key].split(",") if d.strip()]
     for key, value in (kwargs.get("method_options") or {}).items():
         fields[f"method.{key}"] = value
     return fields
@@ -108,36 +115,32 @@ def _evaluate_all(model: Any, tokens: dict[str, torch.Tensor], recipe: Recipe, d
     }
 
 
-def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Path | dict[str, Any] | None = None,
-          progress: bool = False, **kwargs: Any) -> PruneResult:
-    """Prune a model in one shot and (optionally) evaluate and save it.
+def _zeroshot(model: Any, tok: Any, tasks: PreparedTasks, recipe: Recipe, device: torch.device) -> dict[str, Any]:
+    ev = recipe.eval
+    return run_zeroshot(model, tok, tasks, num_fewshot=ev.num_fewshot, limit=ev.limit, batch_size=ev.batch_size,
+                        seed=recipe.calib.seed, device=device)
 
-    ``model`` is a name (Hub id, folder, ``.gguf`` file, ``smollm2-135m``) or an in-memory
-    ``PreTrainedModel`` (then pass ``tokenizer``). Keyword arguments mirror the CLI flags
-    (``method``, ``sparsity``, ``pattern``, ``calib_dataset``, ``nsamples``, ``seqlen``, ``seed``,
-    ``eval``, ``eval_seqlen``, ``eval_windows``, ``data_dir``, ``output``, ``overwrite``) and
-    ``method_options={...}`` sets method fields. Everything is validated before any work is done.
-    """
-    t_start = time.perf_counter()
-    base: dict[str, Any] = {}
-    if isinstance(recipe, Recipe):
-        base = recipe.to_dict()
-    elif isinstance(recipe, dict):
-        base = recipe
-    elif recipe is not None:
-        from .recipe import load_recipe_dict
 
-        base = load_recipe_dict(recipe)
-    in_memory = model is not None and not isinstance(model, (str, Path))
-    if model is not None and not in_memory:
-        kwargs["model"] = str(model)
-    rec = build_recipe(base, fields_from_kwargs(kwargs))
-    if in_memory and tokenizer is None and (rec.eval.datasets or rec.output or METHODS.get(rec.method.name).needs_calibration):
-        raise LLMPruneError("pass tokenizer= along with an in-memory model")
+def _tokens_by_name(tok: Any, sources: list[TextSource]) -> dict[str, torch.Tensor]:
+    return {src.name if src.name != "file" else Path(src.path).stem: evaluation_tokens(tok, src) for src in sources}
 
-    # --- everything a user can get wrong is checked here, before loading or computing anything
+
+@dataclass
+class _Plan:
+    """A recipe with everything a user can get wrong checked: nothing loaded or computed yet."""
+
+    recipe: Recipe
+    method: Method
+    pattern: Pattern
+    calib_source: TextSource | None
+    eval_sources: list[TextSource]
+    tasks: PreparedTasks | None
+    device: torch.device
+
+
+def _plan(rec: Recipe, tasks: PreparedTasks | None = None, check_output: bool = True) -> _Plan:
     method, pattern = resolve_method(rec)
-    if rec.output is not None:
+    if rec.output is not None and check_output:
         check_output_dir(rec.output, rec.overwrite)
     resolve_data_dir(rec.data_dir)
     calib_source = resolve(rec.calib.dataset, "calibration", rec.data_dir) if method.needs_calibration else None
@@ -148,47 +151,63 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
                 f"calibration and evaluation would both read {src.key}; never calibrate on the evaluated "
                 f"split (choose another --calib-dataset)"
             )
-    device = pick_device(rec.model.device)
+    if tasks is None and rec.eval.tasks:
+        tasks = prepare_tasks(rec.eval.tasks, data_dir=rec.data_dir, include_path=rec.eval.include_path)
+    return _Plan(rec, method, pattern, calib_source, eval_sources, tasks, pick_device(rec.model.device))
 
-    t0 = time.perf_counter()
-    if in_memory:
-        net, tok = model, tokenizer
-    else:
-        net, tok = load_model(rec.model.name, rec.model.dtype, rec.model.device)
-    load_s = time.perf_counter() - t0
-    view = model_view(net)
-    method.validate(view)
-    check_not_tied(view)
-    check_finite_weights(view)
 
-    t0 = time.perf_counter()
-    calib_ids = None
-    if calib_source is not None:
-        calib_ids = calibration_windows(tok, calib_source, rec.calib.nsamples, rec.calib.seqlen, rec.calib.seed)
-    eval_tokens = {src.name if src.name != "file" else Path(src.path).stem: evaluation_tokens(tok, src) for src in eval_sources}
-    data_s = time.perf_counter() - t0
-
-    report: dict[str, Any] = {"model": rec.model.name if not in_memory else type(net).__name__}
-    timings: dict[str, float] = {"load_s": load_s, "data_s": data_s}
-    if eval_tokens and rec.eval.dense:
+def _dense_evaluation(plan: _Plan, net: Any, tok: Any, eval_tokens: dict[str, torch.Tensor], progress: bool) -> dict[str, Any]:
+    """``eval_dense`` / ``zeroshot_dense`` report sections and their timings (empty unless eval.dense)."""
+    out: dict[str, Any] = {}
+    if not plan.recipe.eval.dense:
+        return out
+    if eval_tokens:
         t0 = time.perf_counter()
-        report["eval_dense"] = _evaluate_all(net, eval_tokens, rec, device, progress, "dense")
-        timings["eval_dense_s"] = time.perf_counter() - t0
+        out["eval_dense"] = _evaluate_all(net, eval_tokens, plan.recipe, plan.device, progress, "dense")
+        out["eval_dense_s"] = time.perf_counter() - t0
+    if plan.tasks is not None:
+        t0 = time.perf_counter()
+        out["zeroshot_dense"] = _zeroshot(net, tok, plan.tasks, plan.recipe, plan.device)
+        out["zeroshot_dense_s"] = time.perf_counter() - t0
+    return out
 
-    cache_device = torch.device("cpu") if rec.calib.offload else device
+
+def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.Tensor | None,
+             eval_tokens: dict[str, torch.Tensor], timings: dict[str, float], dense: dict[str, Any],
+             progress: bool, t_start: float, model_name: str, share: PruneResult | None = None,
+             extra: dict[str, Any] | None = None) -> PruneResult:
+    """Prune a loaded, checked model, evaluate, report and save. With ``share`` (a run of the same
+    model on the same calibration data), its statistics are reused where the method allows it
+    (structured methods: one calibration pass serves every ratio)."""
+    rec, method, pattern = plan.recipe, plan.method, plan.pattern
+    report: dict[str, Any] = {"model": model_name}
+    timings = dict(timings)
+    for key in ("eval_dense", "zeroshot_dense"):
+        if key in dense:
+            report[key] = dense[key]
+            timings[f"{key}_s"] = dense[f"{key}_s"]
+    cache_device = torch.device("cpu") if rec.calib.offload else plan.device
     t0 = time.perf_counter()
-    layer_reports = run_layerwise(view, method, calib_ids, device=device, cache_device=cache_device,
-                                  batch_size=rec.calib.batch_size, progress=progress)
+    if share is not None and share.method is not None and method.share_statistics(share.method):
+        layer_reports = [dict(r) for r in share.layer_reports]
+        report["statistics_reused"] = True
+    else:
+        layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=cache_device,
+                                      batch_size=rec.calib.batch_size, progress=progress)
     structure = method.finalize(view)
     timings["prune_s"] = time.perf_counter() - t0
 
     sparsity = sparsity_report(view, pattern)
     if eval_tokens:
         t0 = time.perf_counter()
-        report["eval"] = _evaluate_all(net, eval_tokens, rec, device, progress, "pruned")
+        report["eval"] = _evaluate_all(net, eval_tokens, rec, plan.device, progress, "pruned")
         timings["eval_s"] = time.perf_counter() - t0
+    if plan.tasks is not None:
+        t0 = time.perf_counter()
+        report["zeroshot"] = _zeroshot(net, tok, plan.tasks, rec, plan.device)
+        timings["zeroshot_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
-
+    calib_source = plan.calib_source
     report.update(
         {
             "method": method.name,
@@ -198,7 +217,7 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
                 "seed": rec.calib.seed, "tokens": int(calib_ids.numel()) if calib_ids is not None else 0,
                 "tokens_sha256": token_hash(calib_ids) if calib_ids is not None else None,
             },
-            "evaluation_data": {s.name: s.describe() for s in eval_sources},
+            "evaluation_data": {s.name: s.describe() for s in plan.eval_sources},
             "sparsity": sparsity,
             "params": {"total": param_count(net), "pruned_linears": sparsity["weights"],
                        **({"dense": structure["params"]["dense"]} if method.structured else {})},
@@ -206,30 +225,99 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
             "layers": layer_reports,
             "timings": {k: round(v, 3) for k, v in timings.items()},
             "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
-            "device": str(device),
+            "device": str(plan.device),
             "versions": versions(),
+            **(extra or {}),
         }
     )
     out_path = None
     if rec.output is not None:
         out_path = save_run(net, tok, report, rec.output, overwrite=rec.overwrite)
         log.info("saved %s", out_path)
-    return PruneResult(net, tok, report, out_path, layer_reports)
+    return PruneResult(net, tok, report, out_path, layer_reports, method)
 
 
-def evaluate(model: Any, *, tokenizer: Any = None, datasets: str | list[str] = "wikitext2", seqlen: int = 2048,
-             windows: int | None = None, data_dir: str | None = None, dtype: str = "auto", device: str = "auto",
+def _base_recipe(recipe: Recipe | str | Path | dict[str, Any] | None) -> dict[str, Any]:
+    if isinstance(recipe, Recipe):
+        return recipe.to_dict()
+    if isinstance(recipe, dict):
+        return recipe
+    if recipe is not None:
+        from .recipe import load_recipe_dict
+
+        return load_recipe_dict(recipe)
+    return {}
+
+
+def _load_checked(rec: Recipe, plan: _Plan, model: Any, tokenizer: Any) -> tuple[Any, Any, ModelView, float]:
+    t0 = time.perf_counter()
+    if model is not None and not isinstance(model, (str, Path)):
+        net, tok = model, tokenizer
+    else:
+        net, tok = load_model(rec.model.name, rec.model.dtype, rec.model.device)
+    load_s = time.perf_counter() - t0
+    view = model_view(net)
+    plan.method.validate(view)
+    check_not_tied(view)
+    check_finite_weights(view)
+    return net, tok, view, load_s
+
+
+def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Path | dict[str, Any] | None = None,
+          progress: bool = False, **kwargs: Any) -> PruneResult:
+    """Prune a model in one shot and (optionally) evaluate and save it.
+
+    ``model`` is a name (Hub id, folder, ``.gguf`` file, ``smollm2-135m``) or an in-memory
+    ``PreTrainedModel`` (then pass ``tokenizer``). Keyword arguments mirror the CLI flags
+    (``method``, ``sparsity``, ``pattern``, ``calib_dataset``, ``nsamples``, ``seqlen``, ``seed``,
+    ``eval``, ``eval_seqlen``, ``eval_windows``, ``tasks``, ``limit``, ``data_dir``, ``output``,
+    ``overwrite``) and ``method_options={...}`` sets method fields. Everything is validated before
+    any work is done.
+    """
+    t_start = time.perf_counter()
+    in_memory = model is not None and not isinstance(model, (str, Path))
+    if model is not None and not in_memory:
+        kwargs["model"] = str(model)
+    rec = build_recipe(_base_recipe(recipe), fields_from_kwargs(kwargs))
+    if in_memory and tokenizer is None and (rec.eval.datasets or rec.eval.tasks or rec.output
+                                            or METHODS.get(rec.method.name).needs_calibration):
+        raise LLMPruneError("pass tokenizer= along with an in-memory model")
+
+    plan = _plan(rec)  # everything a user can get wrong is checked here, before loading or computing anything
+    net, tok, view, load_s = _load_checked(rec, plan, model if in_memory else None, tokenizer)
+    t0 = time.perf_counter()
+    calib_ids = None
+    if plan.calib_source is not None:
+        calib_ids = calibration_windows(tok, plan.calib_source, rec.calib.nsamples, rec.calib.seqlen, rec.calib.seed)
+    eval_tokens = _tokens_by_name(tok, plan.eval_sources)
+    data_s = time.perf_counter() - t0
+    dense = _dense_evaluation(plan, net, tok, eval_tokens, progress)
+    return _execute(plan, net, tok, view, calib_ids, eval_tokens, {"load_s": load_s, "data_s": data_s}, dense,
+                    progress, t_start, rec.model.name if not in_memory else type(net).__name__)
+
+
+def evaluate(model: Any, *, tokenizer: Any = None, datasets: str | list[str] | None = None, seqlen: int = 2048,
+             windows: int | None = None, tasks: str | list[str] | None = None, limit: int | None = None,
+             num_fewshot: int = 0, batch_size: int = 8, include_path: str | None = None, seed: int = 0,
+             data_dir: str | None = None, dtype: str = "auto", device: str = "auto",
              progress: bool = False) -> dict[str, Any]:
-    """Perplexity of a model (name, folder or in-memory model) on each dataset; returns a report dict."""
-    rec = build_recipe(fields={
-        "eval.datasets": [d.strip() for d in datasets.split(",")] if isinstance(datasets, str) else list(datasets),
-        "eval.seqlen": seqlen, "eval.windows": windows, "data_dir": data_dir,
+    """Perplexity on ``datasets`` and zero-shot accuracy on lm-eval ``tasks`` of a model (name,
+    folder or in-memory model); returns a report dict. With neither, WikiText-2 perplexity."""
+    fields: dict[str, Any] = {
+        "eval.datasets": [d.strip() for d in datasets.split(",") if d.strip()] if isinstance(datasets, str) else list(datasets or []),
+        "eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks or []),
+        "eval.seqlen": seqlen, "eval.windows": windows, "eval.limit": limit, "eval.num_fewshot": num_fewshot,
+        "eval.batch_size": batch_size, "eval.include_path": include_path, "calib.seed": seed, "data_dir": data_dir,
         "model.dtype": dtype, "model.device": device,
         **({"model.name": str(model)} if isinstance(model, (str, Path)) else {}),
-    })
-    if not rec.eval.datasets:
-        raise LLMPruneError("name at least one evaluation dataset (wikitext2, c4 or a file)")
+    }
+    if datasets is None and tasks is None:
+        fields["eval.datasets"] = ["wikitext2"]
+    rec = build_recipe(fields=fields)
+    if not rec.eval.datasets and not rec.eval.tasks:
+        raise LLMPruneError("name at least one evaluation dataset (wikitext2, c4 or a file) or zero-shot task")
     sources = _eval_sources(rec)
+    prepared = prepare_tasks(rec.eval.tasks, data_dir=rec.data_dir, include_path=rec.eval.include_path) if rec.eval.tasks else None
     dev = pick_device(rec.model.device)
     if isinstance(model, (str, Path)):
         net, tok = load_model(str(model), rec.model.dtype, rec.model.device)
@@ -238,24 +326,31 @@ def evaluate(model: Any, *, tokenizer: Any = None, datasets: str | list[str] = "
             raise LLMPruneError("pass tokenizer= along with an in-memory model")
         net, tok = model, tokenizer
     net.to(dev)
-    tokens = {src.name if src.name != "file" else Path(src.path).stem: evaluation_tokens(tok, src) for src in sources}
-    t0 = time.perf_counter()
-    results = _evaluate_all(net, tokens, rec, dev, progress, "eval")
+    out: dict[str, Any] = {"model": str(model) if isinstance(model, (str, Path)) else type(net).__name__}
+    timings: dict[str, float] = {}
+    if sources:
+        t0 = time.perf_counter()
+        out["eval"] = _evaluate_all(net, _tokens_by_name(tok, sources), rec, dev, progress, "eval")
+        out["evaluation_data"] = {s.name: s.describe() for s in sources}
+        timings["eval_s"] = time.perf_counter() - t0
+    if prepared is not None:
+        t0 = time.perf_counter()
+        out["zeroshot"] = _zeroshot(net, tok, prepared, rec, dev)
+        timings["zeroshot_s"] = time.perf_counter() - t0
     view: ModelView | None
     try:
         view = model_view(net)
     except LLMPruneError:
         view = None
-    return {
-        "model": str(model) if isinstance(model, (str, Path)) else type(net).__name__,
-        "eval": results,
-        "evaluation_data": {s.name: s.describe() for s in sources},
+    out.update({
         "sparsity": None if view is None else {"overall": sparsity_report(view)["overall"]},
         "params": {"total": param_count(net)},
-        "timings": {"eval_s": round(time.perf_counter() - t0, 3)},
+        "timings": {k: round(v, 3) for k, v in timings.items()},
         "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
+        "device": str(dev),
         "versions": versions(),
-    }
+    })
+    return out
 
 
 def load(path: str | Path, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any]:

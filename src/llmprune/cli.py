@@ -49,6 +49,46 @@ def _ppl_table(title: str, report: dict[str, Any]) -> Table:
     return table
 
 
+def _zeroshot_table(title: str, report: dict[str, Any]) -> Table | None:
+    zs = report.get("zeroshot")
+    if not zs:
+        return None
+    dense = (report.get("zeroshot_dense") or {}).get("tasks", {})
+    table = Table(title=title)
+    table.add_column("task")
+    table.add_column("docs", justify="right")
+    if dense:
+        table.add_column("dense acc", justify="right")
+    table.add_column("acc", justify="right")
+    table.add_column("acc_norm", justify="right")
+
+    def fmt(value: float | None) -> str:
+        return "-" if value is None else f"{value:.4f}"
+
+    for name, res in zs["tasks"].items():
+        row = [name, str(res["samples"])]
+        if dense:
+            row.append(fmt(dense.get(name, {}).get("acc")))
+        table.add_row(*row, fmt(res["acc"]), fmt(res["acc_norm"]))
+    if len(zs["tasks"]) > 1:
+        row = ["mean", ""]
+        if dense:
+            row.append(fmt(report["zeroshot_dense"]["mean"]["acc"]))
+        table.add_row(*row, fmt(zs["mean"]["acc"]), fmt(zs["mean"]["acc_norm"]))
+    settings = zs["settings"]
+    table.caption = (f"lm-eval {zs['versions']['lm_eval']}, {settings['num_fewshot']}-shot"
+                     + (f", first {settings['limit']} documents per task" if settings["limit"] else ""))
+    return table
+
+
+def _print_tables(title: str, report: dict[str, Any]) -> None:
+    if report.get("eval"):
+        console.print(_ppl_table(title, report))
+    table = _zeroshot_table(f"zero-shot: {title}", report)
+    if table is not None:
+        console.print(table)
+
+
 @app.command()
 def prune(
     model: str | None = typer.Option(None, "--model", help="Hub id, local folder, .gguf file or smollm2-135m"),
@@ -65,6 +105,8 @@ def prune(
     eval_seqlen: int | None = typer.Option(None, "--eval-seqlen"),
     eval_windows: int | None = typer.Option(None, "--eval-windows", help="evaluate only the first N windows"),
     eval_dense: bool | None = typer.Option(None, "--eval-dense/--no-eval-dense", help="also evaluate before pruning"),
+    tasks: str | None = typer.Option(None, "--tasks", help="zero-shot lm-eval tasks: paper, offline or names"),
+    limit: int | None = typer.Option(None, "--limit", help="zero-shot: first N documents per task"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
     recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe; flags and --set override it"),
     set_: list[str] | None = typer.Option(None, "--set", help="override any recipe field: key=value"),
@@ -86,7 +128,7 @@ def prune(
             "calib_dataset": calib_dataset, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "data_dir": data_dir, "eval": eval_, "eval_seqlen": eval_seqlen, "eval_windows": eval_windows,
             "eval_dense": eval_dense, "overwrite": overwrite or None, "dtype": dtype, "device": device,
-            "batch_size": batch_size,
+            "batch_size": batch_size, "tasks": tasks, "limit": limit,
         }
         rec = build_recipe(base, fields_from_kwargs(flags), parse_set(set_))
         result = api_prune(recipe=rec, progress=True)
@@ -94,7 +136,7 @@ def prune(
         _fail(exc)
         return
     rep = result.report
-    console.print(_ppl_table(f"{rep['method']} on {rep['model']}", rep))
+    _print_tables(f"{rep['method']} on {rep['model']}", rep)
     summary = Table(show_header=False)
     summary.add_row("sparsity (decoder linears)", f"{rep['sparsity']['overall']:.4f}")
     if "nm_valid" in rep["sparsity"]:
@@ -117,32 +159,123 @@ def prune(
 @app.command("eval")
 def eval_cmd(
     model: str = typer.Option(..., "--model", help="model name or pruned run folder"),
-    eval_: str = typer.Option("wikitext2", "--eval", help="comma-separated: wikitext2,c4 or a file"),
+    tasks: str | None = typer.Option(None, "--tasks", help="zero-shot lm-eval tasks, comma-separated: paper (the "
+                                     "seven paper tasks), offline (shipped, no network) or any lm-eval task"),
+    eval_: str | None = typer.Option(None, "--eval", help="perplexity datasets: wikitext2,c4 or a file "
+                                     "(default: wikitext2 when no --tasks)"),
     eval_seqlen: int = typer.Option(2048, "--eval-seqlen"),
     eval_windows: int | None = typer.Option(None, "--eval-windows"),
+    limit: int | None = typer.Option(None, "--limit", help="zero-shot: first N documents per task"),
+    num_fewshot: int = typer.Option(0, "--num-fewshot", help="zero-shot: in-context examples (papers: 0)"),
+    batch_size: int = typer.Option(8, "--batch-size", help="zero-shot: requests per forward"),
+    include_path: str | None = typer.Option(None, "--include-path", help="folder of your own lm-eval task YAMLs"),
+    seed: int = typer.Option(0, "--seed"),
     data_dir: str | None = typer.Option(None, "--data-dir"),
     json_out: Path | None = typer.Option(None, "--json", help="write the report to this file"),
     dtype: str = typer.Option("auto", "--dtype"),
     device: str = typer.Option("auto", "--device"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
-    """Perplexity of a model or a pruned run folder."""
+    """Perplexity and zero-shot accuracy (lm-eval) of a model or a pruned run folder."""
     _setup_logging(verbose)
     from .api import evaluate
     from .io.save import write_json_atomic
 
     try:
-        rep = evaluate(model, datasets=eval_, seqlen=eval_seqlen, windows=eval_windows, data_dir=data_dir,
-                       dtype=dtype, device=device, progress=True)
+        rep = evaluate(model, datasets=eval_, seqlen=eval_seqlen, windows=eval_windows, tasks=tasks, limit=limit,
+                       num_fewshot=num_fewshot, batch_size=batch_size, include_path=include_path, seed=seed,
+                       data_dir=data_dir, dtype=dtype, device=device, progress=True)
     except LLMPruneError as exc:
         _fail(exc)
         return
-    console.print(_ppl_table(f"{model}", rep))
+    _print_tables(f"{model}", rep)
     if rep.get("sparsity"):
         console.print(f"sparsity (decoder linears): {rep['sparsity']['overall']:.4f}")
     if json_out:
         write_json_atomic(json_out, rep)
         console.print(f"report written to {json_out}")
+
+
+@app.command()
+def sweep(
+    model: str | None = typer.Option(None, "--model", help="Hub id, local folder, .gguf file or smollm2-135m"),
+    method: str | None = typer.Option(None, "--method"),
+    sparsities: str | None = typer.Option(None, "--sparsities", help="comma-separated sparsities, e.g. 0.3,0.5,0.7"),
+    param: str = typer.Option("method.sparsity", "--param", help="the recipe field to sweep (with --values)"),
+    values: str | None = typer.Option(None, "--values", help="comma-separated values of --param"),
+    output: str | None = typer.Option(None, "--output", help="sweep folder: one run folder per point + sweep.json"),
+    pattern: str | None = typer.Option(None, "--pattern"),
+    calib_dataset: str | None = typer.Option(None, "--calib-dataset"),
+    nsamples: int | None = typer.Option(None, "--nsamples"),
+    seqlen: int | None = typer.Option(None, "--seqlen"),
+    seed: int | None = typer.Option(None, "--seed"),
+    data_dir: str | None = typer.Option(None, "--data-dir"),
+    eval_: str | None = typer.Option(None, "--eval", help="perplexity datasets, comma-separated"),
+    eval_seqlen: int | None = typer.Option(None, "--eval-seqlen"),
+    eval_windows: int | None = typer.Option(None, "--eval-windows"),
+    eval_dense: bool | None = typer.Option(None, "--eval-dense/--no-eval-dense"),
+    tasks: str | None = typer.Option(None, "--tasks", help="zero-shot lm-eval tasks: paper, offline or names"),
+    limit: int | None = typer.Option(None, "--limit", help="zero-shot: first N documents per task"),
+    save_models: bool = typer.Option(True, "--save-models/--reports-only", help="write each point's weights"),
+    resume: bool = typer.Option(False, "--resume", help="continue an interrupted sweep with the same settings"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing sweep folder when done"),
+    recipe: Path | None = typer.Option(None, "--recipe"),
+    set_: list[str] | None = typer.Option(None, "--set", help="override any recipe field: key=value"),
+    dtype: str | None = typer.Option(None, "--dtype"),
+    device: str | None = typer.Option(None, "--device"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Prune one model at several sparsities (or values of any method field): one run folder per point."""
+    _setup_logging(verbose)
+    from .api import fields_from_kwargs
+    from .recipe import build_recipe, load_recipe_dict, parse_set
+    from .sweep import sweep as api_sweep
+
+    try:
+        if (sparsities is None) == (values is None):
+            raise LLMPruneError("give the points with --sparsities 0.3,0.5 or with --param FIELD --values V1,V2")
+        if sparsities is not None and param != "method.sparsity":
+            raise LLMPruneError("--sparsities sweeps method.sparsity; use --values with --param")
+        base = load_recipe_dict(recipe) if recipe else {}
+        flags = {
+            "model": model, "method": method, "pattern": pattern, "calib_dataset": calib_dataset,
+            "nsamples": nsamples, "seqlen": seqlen, "seed": seed, "data_dir": data_dir, "eval": eval_,
+            "eval_seqlen": eval_seqlen, "eval_windows": eval_windows, "eval_dense": eval_dense, "tasks": tasks,
+            "limit": limit, "dtype": dtype, "device": device,
+        }
+        rec = build_recipe(base, fields_from_kwargs(flags), parse_set(set_))
+        result = api_sweep(recipe=rec, values=sparsities if sparsities is not None else values or "",
+                           parameter=param, output=output, overwrite=overwrite, resume=resume,
+                           save_models=save_models, progress=True)
+    except LLMPruneError as exc:
+        _fail(exc)
+        return
+    table = Table(title=f"sweep of {param} ({len(result.reports)} points) -> {result.output}",
+                  caption="achieved: sparsity of the decoder linears")
+    table.add_column(param.rsplit(".", 1)[-1], justify="right")
+    table.add_column("achieved", justify="right")
+    table.add_column("params", justify="right")
+    datasets = list(result.reports[0].get("eval", {})) if result.reports else []
+    for name in datasets:
+        table.add_column(f"{name} ppl", justify="right")
+    has_zs = any("zeroshot" in r for r in result.reports)
+    if has_zs:
+        table.add_column("zero-shot acc", justify="right")
+    table.add_column("prune s", justify="right")
+    table.add_column("folder", overflow="fold")
+    for rep in result.reports:
+        row = [str(rep["sweep"]["value"]), f"{rep['sparsity']['overall']:.4f}", f"{rep['params']['total']:,}"]
+        row += [f"{rep['eval'][n]['ppl']:.3f}" for n in datasets]
+        if has_zs:
+            mean = rep.get("zeroshot", {}).get("mean", {}).get("acc")
+            row.append("-" if mean is None else f"{mean:.4f}")
+        row += [f"{rep['timings']['prune_s']:.1f}" + (" (shared)" if rep.get("statistics_reused") else ""),
+                rep["sweep"]["folder"]]
+        table.add_row(*row)
+    dense = (result.reports[0].get("eval_dense") or {}) if result.reports else {}
+    if dense:
+        table.caption += "; dense: " + ", ".join(f"{n} ppl {r['ppl']:.3f}" for n, r in dense.items())
+    console.print(table)
 
 
 @app.command()

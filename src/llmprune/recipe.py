@@ -52,6 +52,11 @@ class EvalSpec(_Strict):
     seqlen: int = Field(2048, ge=2)
     windows: int | None = Field(None, ge=1)
     dense: bool = Field(True, description="also evaluate the model before pruning")
+    tasks: list[str] = Field(default_factory=list, description="zero-shot lm-eval tasks: paper, offline or task names")
+    limit: int | None = Field(None, ge=1, description="zero-shot: score only the first N documents of each task")
+    num_fewshot: int = Field(0, ge=0, description="zero-shot: in-context examples per question (papers: 0)")
+    batch_size: int = Field(8, ge=1, description="zero-shot: requests per forward")
+    include_path: str | None = Field(None, description="zero-shot: a folder of lm-eval task YAMLs of one's own")
 
 
 class Recipe(_Strict):

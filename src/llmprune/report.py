@@ -64,7 +64,7 @@ def versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version(), "torch": torch.__version__}
-    for pkg in ("llmprune", "transformers", "safetensors", "accelerate", "gguf", "pyarrow", "huggingface_hub"):
+    for pkg in ("llmprune", "transformers", "safetensors", "accelerate", "gguf", "pyarrow", "huggingface_hub", "lm_eval", "peft"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     out["torch_threads"] = str(torch.get_num_threads())

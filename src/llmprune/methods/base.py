@@ -48,6 +48,11 @@ class Method(ABC):
     def prune_layer(self, ctx: LayerContext) -> dict[str, Any]:
         """Prune the linears of ``ctx.layer`` in place and return a JSON-friendly report."""
 
+    def share_statistics(self, other: Method) -> bool:
+        """Take over the calibration statistics of ``other`` (a method that ran on the same model
+        and calibration data) instead of running the engine; False when this method cannot."""
+        return False
+
     def finalize(self, view: ModelView) -> dict[str, Any]:
         """Global step after every layer was seen (allocation, channel removal); returns a report."""
         return {}

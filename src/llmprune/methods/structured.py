@@ -129,6 +129,14 @@ class ChannelMethod(Method):
             st.sq_norm.cpu(), st.mean.cpu(), st.variance.cpu(), st.tokens, importance, ctx.stats[attn_out].sq_norm.cpu())
         return {"mlp_width": group.width, "block_importance": importance}
 
+    def share_statistics(self, other: Method) -> bool:
+        """Every structured method scores from the same dense-pass statistics (all importance
+        metrics included), whatever its options and ratio: one pass serves them all."""
+        if not isinstance(other, ChannelMethod) or not other.layer_stats:
+            return False
+        self.layer_stats = other.layer_stats
+        return True
+
     @abstractmethod
     def channel_scores(self, group: MlpGroup, stats: LayerChannelStats) -> Tensor:
         """(width,) importance of each channel of one layer (from the dense weights and the stats)."""
