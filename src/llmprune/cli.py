@@ -196,6 +196,41 @@ def methods() -> None:
     console.print(table)
 
 
+@app.command()
+def report(
+    runs: list[str] = typer.Argument(..., help="run folders, sweep folders or report JSON files (llmprune eval --json)"),
+    output: Path = typer.Option(..., "--output", help="folder to write report.md, report.html and the plots into"),
+    title: str | None = typer.Option(None, "--title", help="report title"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+) -> None:
+    """Compare runs side by side: a Markdown and a self-contained HTML report with plots."""
+    _setup_logging(False)
+    from .reporting import build_report
+
+    try:
+        with console.status("building the report"):
+            result = build_report(runs, output, title=title, overwrite=overwrite)
+    except LLMPruneError as exc:
+        _fail(exc)
+        return
+    # The terminal summary: the report's own columns, less the detail that only fits in the files.
+    shown = [c for c in result.comparison.columns
+             if c.header in ("run", "method", "settings", "sparsity (decoder linears)", "parameters")
+             or (" ppl @" in c.header and " dense ppl @" not in c.header) or c.header.startswith("mean acc")]
+    table = Table(title=f"{len(result.runs)} runs compared")
+    for col in shown:
+        table.add_column(col.header, justify="right" if col.numeric else "left", overflow="fold")
+    for i in range(len(result.runs)):
+        table.add_row(*(col.cells[i] for col in shown))
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+    files = Table(title=f"written to {result.output}", show_header=False)
+    for path in result.files:
+        files.add_row(path.name, f"{path.stat().st_size / 1024:,.1f} KiB")
+    console.print(files)
+
+
 def main() -> None:
     app()
 
