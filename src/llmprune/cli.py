@@ -225,9 +225,10 @@ def report(
     console.print(table)
     for warning in result.warnings:
         console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
-    files = Table(title=f"written to {result.output}", show_header=False)
+    files = Table(show_header=False)
     for path in result.files:
         files.add_row(path.name, f"{path.stat().st_size / 1024:,.1f} KiB")
+    console.print(f"report written to {result.output}:", highlight=False, soft_wrap=True)
     console.print(files)
 
 
