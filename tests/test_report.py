@@ -255,6 +255,11 @@ def test_zeroshot_columns(runs: dict[str, Any], tmp_path: Path) -> None:
     assert _cell(md, "mag", "rte acc") == "0.5100 (norm 0.5200)"
     assert _cell(md, "wanda30", "mean acc") == "0.5850"
     assert "zero-shot: 0-shot, limit 100, lm-eval 0.4.8 (wanda30, mag)" in md
+    drawn = {spec.file: series for spec, series in result.plots}
+    x_wanda = runs["reports"]["wanda30"]["sparsity"]["overall"]
+    assert drawn["mean_acc_vs_sparsity.png"] == {"wanda": ([x_wanda], [(0.62 + 0.55) / 2]),
+                                                "magnitude": ([0.5], [(0.60 + 0.51) / 2])}
+    _check_png(tmp_path / "r1" / "mean_acc_vs_sparsity.png")
 
     # Different num_fewshot and a different rte task version: split columns, each named, and warnings.
     paths = _with_zeroshot(runs, tmp_path / "diff", {"wanda30": _zeroshot(0.62, 0.55),
@@ -270,10 +275,18 @@ def test_zeroshot_columns(runs: dict[str, Any], tmp_path: Path) -> None:
     assert _cell(md, "cfsp20", f"rte acc (v2.0) [{zero}]") == "0.5000 (norm 0.5100)"
     assert _cell(md, "cfsp20", f"rte acc (v1.0) [{zero}]") == "—"
     assert _cell(md, "mag", f"mean acc [{five}]") == "0.5550"
-    assert len(result.warnings) == 2
+    # The means of wanda30 and cfsp20 average different rte versions: one mean column each.
+    assert _cell(md, "wanda30", f"mean acc (2 tasks: boolq v2.0, rte v1.0) [{zero}]") == "0.5850"
+    assert _cell(md, "cfsp20", f"mean acc (2 tasks: boolq v2.0, rte v1.0) [{zero}]") == "—"
+    assert _cell(md, "cfsp20", f"mean acc (2 tasks: boolq v2.0, rte v2.0) [{zero}]") == "0.5400"
+    assert len(result.warnings) == 3
     assert result.warnings[0].startswith("zero-shot accuracy was measured under 2 different settings")
     assert f"{zero} (wanda30, cfsp20)" in result.warnings[0] and f"{five} (mag)" in result.warnings[0]
     assert result.warnings[1].startswith("zero-shot task rte was measured under 2 different settings")
+    assert result.warnings[2].startswith("mean zero-shot accuracy averages different tasks or task versions")
+    # One accuracy plot per comparable mean: never two settings or task versions on one axis.
+    acc_plots = [series for spec, series in result.plots if spec.file.startswith("mean_acc")]
+    assert [set(series) for series in acc_plots] == [{"wanda"}, {"magnitude"}, {"cfsp importance=angular score=weight_aware"}]
     for warning in result.warnings:
         assert f"> **Warning:** {warning}" in md
 

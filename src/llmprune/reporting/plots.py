@@ -4,6 +4,7 @@
   numbers taken under one setting share axes; one line per group of runs that differ only in how
   much they prune (method, N:M pattern, options); x is the achieved sparsity (zero fraction of the
   decoder linears) or, for structured runs, the removed parameter fraction; dense perplexity at x = 0;
+- mean zero-shot accuracy vs sparsity, one plot per zero-shot setting and task set, lines as above;
 - per-layer sparsity of every unstructured / N:M run (structured runs have no zeros; see widths);
 - CFSP block importance per layer (one plot per importance metric) and per-layer MLP widths;
 - LLM-Barber swaps per layer (summed over the layer's linears).
@@ -21,7 +22,15 @@ from typing import Any
 
 from ..errors import LLMPruneError
 from .load import Run
-from .tables import calibration_text, group_label, ppl_header, ppl_setting, ppl_settings
+from .tables import (
+    calibration_text,
+    group_label,
+    ppl_header,
+    ppl_setting,
+    ppl_settings,
+    zeroshot_means,
+    zs_label,
+)
 
 Series = dict[str, tuple[list[float], list[float]]]
 
@@ -90,12 +99,38 @@ def _ppl_plots(runs: list[Run]) -> list[PlotSpec]:
         for model, ppl in dense.items():
             series["dense" if len(dense) == 1 else f"dense {model}"] = ([0.0], [ppl])
         reference = tuple(label for label in series if label not in points)
-        xlabel = ("removed parameter fraction" if structured == {True} else
-                  "achieved sparsity (zero fraction of decoder linears)" if structured == {False} else
-                  "achieved sparsity (structured runs: removed parameter fraction)")
+        xlabel = _sparsity_xlabel(structured)
         plots.append(PlotSpec(f"ppl_vs_sparsity_{_safe(dataset)}_{setting[1]}x{setting[2]}.png",
                               f"{ppl_header(setting)} vs sparsity", xlabel, f"{dataset} perplexity", series,
                               reference))
+    return plots
+
+
+def _sparsity_xlabel(structured: set[bool]) -> str:
+    return ("removed parameter fraction" if structured == {True} else
+            "achieved sparsity (zero fraction of decoder linears)" if structured == {False} else
+            "achieved sparsity (structured runs: removed parameter fraction)")
+
+
+def _zeroshot_plots(runs: list[Run]) -> list[PlotSpec]:
+    """Mean zero-shot accuracy vs sparsity, one plot per (setting, task set): only comparable means share axes."""
+    groups = zeroshot_means(runs)
+    plots = []
+    for i, ((setting, tasks), members) in enumerate(groups.items()):
+        lines = line_labels(members)
+        points: dict[str, list[tuple[float, float]]] = {}
+        for run in members:
+            x = achieved_x(run)
+            if x is not None:
+                points.setdefault(lines[run.label], []).append((x, float(run.report["zeroshot"]["mean"]["acc"])))
+        if not points:
+            continue
+        series: Series = {label: ([p[0] for p in sorted(pts)], [p[1] for p in sorted(pts)])
+                          for label, pts in points.items()}
+        file = "mean_acc_vs_sparsity.png" if len(groups) == 1 else f"mean_acc_vs_sparsity_{i + 1}.png"
+        plots.append(PlotSpec(file, f"mean zero-shot accuracy vs sparsity ({zs_label(setting)}; {', '.join(tasks)})",
+                              _sparsity_xlabel({r.structured for r in members if achieved_x(r) is not None}),
+                              "mean accuracy", series))
     return plots
 
 
@@ -126,7 +161,7 @@ def _swaps(run: Run) -> list[float] | None:
 
 def plot_specs(runs: list[Run]) -> list[PlotSpec]:
     """Every plot the runs have data for, in report order."""
-    plots = _ppl_plots(runs)
+    plots = _ppl_plots(runs) + _zeroshot_plots(runs)
     series = _per_layer(runs, _layer_sparsity)
     if series:
         plots.append(PlotSpec("layer_sparsity.png", "sparsity per decoder layer", "decoder layer",

@@ -7,7 +7,7 @@ evaluation settings.
   (``wikitext2 ppl @2048 x16``). A dataset measured under several settings gets one column per
   setting, and the report carries a warning naming the runs under each setting.
 - Zero-shot task columns are keyed by (task, task version, num_fewshot, limit, lm-eval version);
-  the mean is also keyed by the set of tasks it averages. When runs differ in any of these, the
+  the mean is also keyed by the set of tasks (and versions) it averages. When runs differ in any of these, the
   columns are split, their headers name the differing setting, and the report carries a warning.
 - Runs of different models are allowed in one table, with a warning naming the models and runs.
 
@@ -130,6 +130,10 @@ def params_text(run: Run) -> str:
     return f"{total:,}" if total is not None else DASH
 
 
+def _rss(mb: float | None) -> str:
+    return DASH if mb is None else f"{mb:,.0f} MB"
+
+
 def _seconds(value: float | None) -> str:
     return DASH if value is None else f"{value:,.1f} s"
 
@@ -171,6 +175,20 @@ def zs_setting(zs: dict[str, Any]) -> ZsSetting:
 def zs_label(setting: ZsSetting) -> str:
     shots, limit, version = setting
     return f"{shots}-shot" + (f", limit {limit}" if limit is not None else "") + f", lm-eval {version}"
+
+
+MeanKey = tuple[ZsSetting, tuple[str, ...]]  # a zero-shot setting and the tasks (with versions) a mean averages
+
+
+def zeroshot_means(runs: list[Run]) -> dict[MeanKey, list[Run]]:
+    """Runs with zero-shot results grouped so that their mean accuracies are comparable."""
+    out: dict[MeanKey, list[Run]] = {}
+    for run in runs:
+        zs = run.report.get("zeroshot")
+        if zs:
+            tasks = tuple(sorted(f"{task} v{res.get('version')}" for task, res in zs.get("tasks", {}).items()))
+            out.setdefault((zs_setting(zs), tasks), []).append(run)
+    return out
 
 
 def _names(runs: list[Run]) -> str:
@@ -228,14 +246,13 @@ def _zeroshot_columns(runs: list[Run], warnings: list[str], settings: list[str])
         return []
     by_setting: dict[ZsSetting, list[Run]] = {}
     tasks: dict[tuple[str, str, ZsSetting], list[Run]] = {}
-    means: dict[tuple[ZsSetting, tuple[str, ...]], list[Run]] = {}
+    means = zeroshot_means(runs)
     for run in with_zs:
         zs = run.report["zeroshot"]
         setting = zs_setting(zs)
         by_setting.setdefault(setting, []).append(run)
         for task, res in zs.get("tasks", {}).items():
             tasks.setdefault((task, str(res.get("version")), setting), []).append(run)
-        means.setdefault((setting, tuple(sorted(zs.get("tasks", {})))), []).append(run)
     many_settings = len(by_setting) > 1
     if many_settings:
         warnings.append(_split_warning("zero-shot accuracy", {zs_label(s): m for s, m in by_setting.items()}))
@@ -253,7 +270,7 @@ def _zeroshot_columns(runs: list[Run], warnings: list[str], settings: list[str])
         task_sets.setdefault(setting, {})[", ".join(names)] = members
     for groups in task_sets.values():
         if len(groups) > 1:
-            warnings.append("mean zero-shot accuracy averages different task sets: "
+            warnings.append("mean zero-shot accuracy averages different tasks or task versions: "
                             + "; ".join(f"{names} ({_names(m)})" for names, m in groups.items())
                             + ". Each task set has its own mean column.")
 
@@ -314,8 +331,7 @@ def compare(runs: list[Run]) -> Comparison:
         col("parameters", params_text, numeric=True),
         col("prune time", timing("prune_s"), numeric=True),
         col("total time", timing("total_s"), numeric=True),
-        col("peak RSS", lambda r: f"{r.report['memory']['peak_rss_mb']:,.0f} MB" if r.report.get("memory") else DASH,
-            numeric=True),
+        col("peak RSS", lambda r: _rss((r.report.get("memory") or {}).get("peak_rss_mb")), numeric=True),
         col("device", lambda r: str(r.report.get("device", DASH))),
     ]
     return Comparison(runs, columns, warnings, settings)
