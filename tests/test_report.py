@@ -325,6 +325,12 @@ def test_existing_output_needs_overwrite(runs: dict[str, Any], tmp_path: Path) -
     assert "| cfsp20 |" in (out / "report.md").read_text() and "| mag |" not in (out / "report.md").read_text()
     assert (out / "mlp_widths.png").is_file() and not (out / "layer_sparsity.png").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folders left
+    # A report never replaces the runs it reads, even with overwrite.
+    with pytest.raises(LLMPruneError, match="would replace the input"):
+        build_report([runs["folders"]["cfsp20"]], runs["folders"]["cfsp20"], overwrite=True)
+    with pytest.raises(LLMPruneError, match="would replace the input"):
+        build_report([runs["sweep"]], runs["sweep"], overwrite=True)
+    assert (runs["folders"]["cfsp20"] / "model.safetensors").is_file() and (runs["sweep"] / "sweep.json").is_file()
 
 
 def test_missing_matplotlib_is_a_clear_error(runs: dict[str, Any], tmp_path: Path,

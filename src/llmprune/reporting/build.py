@@ -9,6 +9,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..errors import LLMPruneError
 from ..io.save import check_output_dir, staged_dir, write_json_atomic
 from .load import Run, collect_runs
 from .plots import PlotSpec, Series, plot_specs, pyplot, render
@@ -96,7 +97,10 @@ def build_report(runs: list[str | os.PathLike[str]], output: str | os.PathLike[s
     place whole.
     """
     collected = collect_runs(list(runs))
-    check_output_dir(output, overwrite)
+    dest = check_output_dir(output, overwrite).resolve()
+    for run in collected:
+        if run.source == dest or dest in run.source.parents:
+            raise LLMPruneError(f"--output {dest} would replace the input {run.source}; choose another folder")
     comp = compare(collected)
     specs = plot_specs(collected)
     if specs:

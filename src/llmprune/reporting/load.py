@@ -25,7 +25,7 @@ from ..io.save import REPORT_NAME, read_report
 SWEEP_NAME = "sweep.json"
 
 
-@dataclass
+@dataclass(eq=False)
 class Run:
     """One report to compare: a unique ``label`` (its row name), where it came from and its contents."""
 
