@@ -198,7 +198,7 @@ def methods() -> None:
 
 @app.command()
 def report(
-    runs: list[str] = typer.Argument(..., help="run folders, sweep folders or report JSON files (llmprune eval --json)"),
+    runs: list[str] = typer.Argument(..., metavar="RUN", help="run folders, sweep folders or report JSON files (llmprune eval --json)"),
     output: Path = typer.Option(..., "--output", help="folder to write report.md, report.html and the plots into"),
     title: str | None = typer.Option(None, "--title", help="report title"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
@@ -206,6 +206,7 @@ def report(
     """Compare runs side by side: a Markdown and a self-contained HTML report with plots."""
     _setup_logging(False)
     from .reporting import build_report
+    from .reporting.plots import achieved_x
 
     try:
         with console.status("building the report"):
@@ -214,14 +215,16 @@ def report(
         _fail(exc)
         return
     # The terminal summary: the report's own columns, less the detail that only fits in the files.
-    shown = [c for c in result.comparison.columns
-             if c.header in ("run", "method", "settings", "sparsity (decoder linears)", "parameters")
+    shown = [c for c in result.comparison.columns if c.header in ("run", "method", "settings")
              or (" ppl @" in c.header and " dense ppl @" not in c.header) or c.header.startswith("mean acc")]
     table = Table(title=f"{len(result.runs)} runs compared")
     for col in shown:
-        table.add_column(col.header, justify="right" if col.numeric else "left", overflow="fold")
-    for i in range(len(result.runs)):
-        table.add_row(*(col.cells[i] for col in shown))
+        table.add_column(col.header, justify="right" if col.numeric else "left")
+    table.add_column("sparsity", justify="right")
+    for i, run in enumerate(result.runs):
+        x = achieved_x(run)
+        sparsity = "—" if x is None else f"{100 * x:.2f}%" + (" of params" if run.structured else "")
+        table.add_row(*(col.cells[i] for col in shown), sparsity)
     console.print(table)
     for warning in result.warnings:
         console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)

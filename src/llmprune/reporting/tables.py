@@ -106,7 +106,12 @@ def calibration_text(run: Run) -> str:
     cal = run.report.get("calibration")
     if not cal:
         return "none (data-free)"
-    name = Path(cal["file"]).name if cal.get("dataset") == "file" and cal.get("file") else cal.get("dataset", "?")
+    if cal.get("dataset") == "file" and cal.get("file"):
+        name = Path(cal["file"]).name
+    else:
+        name = str(cal.get("dataset", "?")) + (f":{cal['split']}" if cal.get("split") not in (None, "all") else "")
+        if cal.get("documents"):
+            name += f" docs {cal['documents'][0]}:{cal['documents'][1]}"
     return f"{name} {cal.get('nsamples')}x{cal.get('seqlen')} seed {cal.get('seed')}"
 
 
