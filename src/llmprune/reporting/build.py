@@ -20,6 +20,7 @@ DEFAULT_TITLE = "llmprune comparison report"
 CSS = """
 body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em; color: #222; }
 h1 { font-size: 1.6em; } h2 { margin-top: 1.6em; border-bottom: 1px solid #ddd; }
+.scroll { overflow-x: auto; }
 table { border-collapse: collapse; font-size: 0.85em; margin: 1em 0; }
 th, td { border: 1px solid #ccc; padding: 0.3em 0.6em; vertical-align: top; }
 th { background: #f3f3f3; text-align: left; } td.num, th.num { text-align: right; white-space: nowrap; }
@@ -73,7 +74,7 @@ def _html(title: str, meta: str, comp: Comparison, plots: list[PlotSpec], folder
     out = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">', f"<title>{e(title)}</title>",
            f"<style>{CSS}</style></head><body>", f"<h1>{e(title)}</h1>", f'<p class="meta">{e(meta)}</p>']
     out += [f'<div class="warning"><strong>Warning:</strong> {e(w)}</div>' for w in comp.warnings]
-    out += ["<h2>Runs</h2>", html_table(comp.columns)]
+    out += ["<h2>Runs</h2>", f'<div class="scroll">{html_table(comp.columns)}</div>']
     if comp.settings:
         out += ["<h2>Evaluation settings</h2>", "<ul>", *[f"<li>{e(line)}</li>" for line in comp.settings], "</ul>"]
     if plots:

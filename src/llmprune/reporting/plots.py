@@ -16,6 +16,7 @@ llmprune[report]``), with the Agg backend.
 from __future__ import annotations
 
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -216,7 +217,7 @@ def render(spec: PlotSpec, path: Path) -> Series:
                 ax.plot(xs, ys, linestyle="--", color="0.5", label=label)
             else:
                 ax.plot(xs, ys, marker="o", markersize=4, label=label)
-        ax.set(title=spec.title, xlabel=spec.xlabel, ylabel=spec.ylabel)
+        ax.set(title=textwrap.fill(spec.title, 70), xlabel=spec.xlabel, ylabel=spec.ylabel)
         if spec.xlabel == "decoder layer":
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
