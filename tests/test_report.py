@@ -275,6 +275,8 @@ def test_zeroshot_columns(runs: dict[str, Any], tmp_path: Path) -> None:
     assert _cell(md, "cfsp20", f"rte acc (v2.0) [{zero}]") == "0.5000 (norm 0.5100)"
     assert _cell(md, "cfsp20", f"rte acc (v1.0) [{zero}]") == "—"
     assert _cell(md, "mag", f"mean acc [{five}]") == "0.5550"
+    assert _header(md)[7:12] == [f"boolq acc [{zero}]", f"boolq acc [{five}]", f"rte acc (v1.0) [{zero}]",
+                                 f"rte acc [{five}]", f"rte acc (v2.0) [{zero}]"]  # one task's columns together
     # The means of wanda30 and cfsp20 average different rte versions: one mean column each.
     assert _cell(md, "wanda30", f"mean acc (2 tasks: boolq v2.0, rte v1.0) [{zero}]") == "0.5850"
     assert _cell(md, "cfsp20", f"mean acc (2 tasks: boolq v2.0, rte v1.0) [{zero}]") == "—"

@@ -206,6 +206,14 @@ def _split_warning(what: str, groups: dict[str, list[Run]]) -> str:
             f"column(s); numbers in different columns are not comparable.")
 
 
+def _grouped(keys: list[Any]) -> list[Any]:
+    """Keys whose first element is a name (dataset, task), reordered so that one name's keys are adjacent."""
+    first: dict[Any, int] = {}
+    for key in keys:
+        first.setdefault(key[0], len(first))
+    return sorted(keys, key=lambda k: first[k[0]])  # stable: each name's keys keep their order
+
+
 def _keyed_columns(runs: list[Run], keys: list[Any], header: Callable[[Any], str],
                    cell: Callable[[Run, Any], str | None]) -> list[Column]:
     columns = []
@@ -234,7 +242,7 @@ def _ppl_columns(runs: list[Run], warnings: list[str], settings: list[str]) -> l
         return get
 
     columns = []
-    for setting in by_setting:
+    for setting in _grouped(list(by_setting)):
         columns += _keyed_columns(runs, [setting], lambda s: ppl_header(s, dense=True), cell("eval_dense"))
         columns += _keyed_columns(runs, [setting], ppl_header, cell("eval"))
     return columns
@@ -299,7 +307,7 @@ def _zeroshot_columns(runs: list[Run], warnings: list[str], settings: list[str])
     def mean_cell(run: Run, key: Any) -> str | None:
         return _acc(run.report["zeroshot"]["mean"]) if run in means[key] else None
 
-    return (_keyed_columns(runs, list(tasks), task_header, task_cell)
+    return (_keyed_columns(runs, _grouped(list(tasks)), task_header, task_cell)
             + _keyed_columns(runs, list(means), mean_header, mean_cell))
 
 
