@@ -18,7 +18,8 @@ from llmprune import cli
 from llmprune.cli import app
 from llmprune.errors import LLMPruneError
 from llmprune.io.save import write_json_atomic
-from llmprune.reporting import build_report
+from llmprune.reporting import Run, build_report
+from llmprune.reporting.plots import line_labels
 
 from .conftest import byte_level_tokenizer, tiny_model
 
@@ -224,6 +225,20 @@ def test_runs_of_different_models_are_flagged(runs: dict[str, Any], tmp_path: Pa
     assert f"> **Warning:** {result.warnings[0]}" in md
     # Same setting, so one column; the pruned model re-evaluated gives the same perplexity.
     assert _cell(md, "eval60", "heldout ppl @64 x2") == _cell(md, "sparsity-0.6", "heldout ppl @64 x2")
+    # In the plot each line names its model.
+    (series,) = [series for spec, series in result.plots if spec.file.startswith("ppl_vs")]
+    assert set(series) == {f"{runs['model']}: wanda", f"{wanda}: eval"}
+
+
+def test_lines_split_by_calibration(runs: dict[str, Any]) -> None:
+    """Runs of one method calibrated differently are different lines (labelled with their calibration)."""
+    reports = runs["reports"]
+    other = copy.deepcopy(reports["wanda60"])
+    other["calibration"]["nsamples"] = 128
+    group = [Run("a", Path("a"), reports["wanda30"]), Run("b", Path("b"), other), Run("c", Path("c"), reports["mag"])]
+    assert line_labels(group) == {"a": "wanda [calib calib.txt 4x32 seed 0]", "b": "wanda [calib calib.txt 128x32 seed 0]",
+                                  "c": "magnitude"}
+    assert line_labels(group[:1] + group[2:]) == {"a": "wanda", "c": "magnitude"}
 
 
 def _zeroshot(boolq: float, rte: float, shots: int = 0, rte_version: str = "1.0") -> dict[str, Any]:
