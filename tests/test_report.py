@@ -308,6 +308,40 @@ def test_zeroshot_columns(runs: dict[str, Any], tmp_path: Path) -> None:
         assert f"> **Warning:** {warning}" in md
 
 
+def test_zeroshot_dense_columns_and_point(runs: dict[str, Any], tmp_path: Path) -> None:
+    """``zeroshot_dense`` (before pruning) gets its own columns and the dense point of the accuracy plot."""
+    dense = _zeroshot(0.70, 0.60)
+    wanda = copy.deepcopy(runs["reports"]["wanda30"])
+    wanda["zeroshot"], wanda["zeroshot_dense"] = _zeroshot(0.62, 0.55), dense
+    write_json_atomic(tmp_path / "wanda30" / "llmprune.json", wanda)
+    result = build_report([tmp_path / "wanda30"], tmp_path / "r")
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert result.warnings == []
+    assert _header(md)[7:13] == ["boolq dense acc", "boolq acc", "rte dense acc", "rte acc", "mean dense acc",
+                                 "mean acc"]
+    assert _cell(md, "wanda30", "boolq dense acc") == "0.7000" and _cell(md, "wanda30", "boolq acc") == "0.6200"
+    assert _cell(md, "wanda30", "mean dense acc") == f"{(0.70 + 0.60) / 2:.4f}"
+    drawn = {spec.file: series for spec, series in result.plots}
+    assert drawn["mean_acc_vs_sparsity.png"] == {"wanda": ([wanda["sparsity"]["overall"]], [(0.62 + 0.55) / 2]),
+                                                "dense": ([0.0], [(0.70 + 0.60) / 2])}
+
+
+def test_unfinished_sweep_points_are_left_out_with_a_warning(runs: dict[str, Any], tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep-cut"
+    write_json_atomic(sweep / "sparsity-0.3" / "llmprune.json", runs["reports"]["wanda30"])
+    points = [{"value": 0.3, "folder": "sparsity-0.3", "status": "done"},
+              {"value": 0.6, "folder": "sparsity-0.6", "status": "pending"}]
+    write_json_atomic(sweep / "sweep.json", {"sweep": {}, "complete": False, "points": points})
+    result = build_report([sweep], tmp_path / "r")
+    assert [r.label for r in result.runs] == ["sweep-cut/sparsity-0.3"]
+    assert result.warnings == ["sweep sweep-cut is not finished; its unfinished points are left out: sparsity-0.6"]
+    assert f"> **Warning:** {result.warnings[0]}" in (tmp_path / "r" / "report.md").read_text()
+    points[0]["status"] = "pending"
+    write_json_atomic(sweep / "sweep.json", {"sweep": {}, "complete": False, "points": points})
+    with pytest.raises(LLMPruneError, match="has no finished point yet"):
+        build_report([sweep], tmp_path / "r2")
+
+
 def test_bad_input_is_refused_before_writing(runs: dict[str, Any], tmp_path: Path) -> None:
     out = tmp_path / "out"
     (tmp_path / "empty").mkdir()

@@ -97,12 +97,14 @@ def build_report(runs: list[str | os.PathLike[str]], output: str | os.PathLike[s
     ``overwrite``), before anything is written; the folder is built beside ``output`` and moved into
     place whole.
     """
-    collected = collect_runs(list(runs))
+    notes: list[str] = []
+    collected = collect_runs(list(runs), notes)
     dest = check_output_dir(output, overwrite).resolve()
     for run in collected:
         if run.source == dest or dest in run.source.parents:
             raise LLMPruneError(f"--output {dest} would replace the input {run.source}; choose another folder")
     comp = compare(collected)
+    comp.warnings[:0] = notes
     specs = plot_specs(collected)
     if specs:
         pyplot()  # fail now, not halfway, if matplotlib is missing

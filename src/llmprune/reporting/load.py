@@ -3,7 +3,8 @@
 A RUN argument is one of:
 
 - a run folder (it holds ``llmprune.json``, written by ``llmprune prune``);
-- a sweep folder (it holds ``sweep.json``, written by ``llmprune sweep``): expanded to its points, in order;
+- a sweep folder (it holds ``sweep.json``, written by ``llmprune sweep``): expanded to its finished
+  points, in order;
 - a JSON file: an ``llmprune.json`` or the output of ``llmprune eval --json`` (no ``method``: shown as
   method ``eval``).
 
@@ -65,22 +66,33 @@ def _check_report(report: Any, where: Path) -> dict[str, Any]:
     return report
 
 
-def _sweep_runs(folder: Path) -> list[Run]:
+def _sweep_runs(folder: Path, notes: list[str]) -> list[Run]:
     sweep = _read_json(folder / SWEEP_NAME)
     points = sweep.get("points") if isinstance(sweep, dict) else None
     if not isinstance(points, list) or not points:
-        raise LLMPruneError(f"{folder / SWEEP_NAME} lists no points; it is not a finished llmprune sweep")
-    runs = []
+        raise LLMPruneError(f"{folder / SWEEP_NAME} lists no points; it is not an llmprune sweep folder")
+    runs, unfinished = [], []
     for point in points:
         if not isinstance(point, dict) or "folder" not in point:
             raise LLMPruneError(f"{folder / SWEEP_NAME}: point {point!r} names no folder")
+        if point.get("status", "done") != "done":  # an interrupted sweep: its finished points still compare
+            unfinished.append(str(point["folder"]))
+            continue
         run_dir = folder / str(point["folder"])
         runs.append(Run(f"{folder.name}/{point['folder']}", run_dir, _check_report(read_report(run_dir), run_dir)))
+    if not runs:
+        raise LLMPruneError(f"sweep {folder} has no finished point yet")
+    if unfinished:
+        notes.append(f"sweep {folder.name} is not finished; its unfinished points are left out: {', '.join(unfinished)}")
     return runs
 
 
-def collect_runs(paths: list[str | os.PathLike[str]]) -> list[Run]:
-    """Read every RUN argument (folders, sweeps, JSON files) into :class:`Run` objects with unique labels."""
+def collect_runs(paths: list[str | os.PathLike[str]], notes: list[str] | None = None) -> list[Run]:
+    """Read every RUN argument (folders, sweeps, JSON files) into :class:`Run` objects with unique labels.
+
+    Points of a sweep that are not finished yet are left out, with a line in ``notes`` saying so.
+    """
+    notes = [] if notes is None else notes
     if not paths:
         raise LLMPruneError("name at least one run folder, sweep folder or report JSON file")
     runs: list[Run] = []
@@ -89,7 +101,7 @@ def collect_runs(paths: list[str | os.PathLike[str]]) -> list[Run]:
         if not path.exists():
             raise LLMPruneError(f"{path} does not exist")
         if path.is_dir() and (path / SWEEP_NAME).is_file() and not (path / REPORT_NAME).is_file():
-            runs.extend(_sweep_runs(path))
+            runs.extend(_sweep_runs(path, notes))
         elif path.is_dir():
             runs.append(Run(path.name, path, _check_report(read_report(path), path)))
         else:

@@ -4,7 +4,8 @@
   numbers taken under one setting share axes; one line per group of runs that differ only in how
   much they prune (method, N:M pattern, options); x is the achieved sparsity (zero fraction of the
   decoder linears) or, for structured runs, the removed parameter fraction; dense perplexity at x = 0;
-- mean zero-shot accuracy vs sparsity, one plot per zero-shot setting and task set, lines as above;
+- mean zero-shot accuracy vs sparsity, one plot per zero-shot setting and task set, lines and dense
+  point as above;
 - per-layer sparsity of every unstructured / N:M run (structured runs have no zeros; see widths);
 - CFSP block importance per layer (one plot per importance metric) and per-layer MLP widths;
 - LLM-Barber swaps per layer (summed over the layer's linears).
@@ -121,17 +122,22 @@ def _zeroshot_plots(runs: list[Run]) -> list[PlotSpec]:
         lines = line_labels(members)
         points: dict[str, list[tuple[float, float]]] = {}
         for run in members:
-            x = achieved_x(run)
-            if x is not None:
-                points.setdefault(lines[run.label], []).append((x, float(run.report["zeroshot"]["mean"]["acc"])))
+            x, acc = achieved_x(run), run.report["zeroshot"].get("mean", {}).get("acc")
+            if x is not None and acc is not None:
+                points.setdefault(lines[run.label], []).append((x, float(acc)))
         if not points:
             continue
         series: Series = {label: ([p[0] for p in sorted(pts)], [p[1] for p in sorted(pts)])
                           for label, pts in points.items()}
+        dense = {str(r.report["model"]): float(r.report["zeroshot_dense"]["mean"]["acc"])
+                 for r in zeroshot_means(runs, "zeroshot_dense").get((setting, tasks), [])
+                 if r.report["zeroshot_dense"].get("mean", {}).get("acc") is not None}
+        for model, acc in dense.items():
+            series["dense" if len(dense) == 1 else f"dense {model}"] = ([0.0], [acc])
         file = "mean_acc_vs_sparsity.png" if len(groups) == 1 else f"mean_acc_vs_sparsity_{i + 1}.png"
         plots.append(PlotSpec(file, f"mean zero-shot accuracy vs sparsity ({zs_label(setting)}; {', '.join(tasks)})",
-                              _sparsity_xlabel({r.structured for r in members if achieved_x(r) is not None}),
-                              "mean accuracy", series))
+                              _sparsity_xlabel({r.structured for r in members if lines[r.label] in points}),
+                              "mean accuracy", series, tuple(label for label in series if label not in points)))
     return plots
 
 

@@ -3,12 +3,14 @@
 Evaluation settings rule: a number is only put in a column with numbers taken under the same
 evaluation settings.
 
-- Perplexity columns are keyed by (dataset, seqlen, windows), and every header names its setting
-  (``wikitext2 ppl @2048 x16``). A dataset measured under several settings gets one column per
-  setting, and the report carries a warning naming the runs under each setting.
-- Zero-shot task columns are keyed by (task, task version, num_fewshot, limit, lm-eval version);
-  the mean is also keyed by the set of tasks (and versions) it averages. When runs differ in any of these, the
-  columns are split, their headers name the differing setting, and the report carries a warning.
+- Perplexity columns (``eval``, and ``eval_dense`` before pruning) are keyed by (dataset, seqlen,
+  windows), and every header names its setting (``wikitext2 ppl @2048 x16``). A dataset measured
+  under several settings gets one column per setting, and the report carries a warning naming the
+  runs under each setting.
+- Zero-shot task columns (``zeroshot``, and ``zeroshot_dense`` before pruning) are keyed by (task,
+  task version, num_fewshot, limit, lm-eval version); the mean is also keyed by the tasks (with
+  versions) it averages. When runs differ in any of these, the columns are split, their headers
+  name the differing setting, and the report carries a warning.
 - Runs of different models are allowed in one table, with a warning naming the models and runs.
 
 The warnings appear at the top of both the Markdown and the HTML report (and in the CLI output).
@@ -183,17 +185,27 @@ def zs_label(setting: ZsSetting) -> str:
 
 
 MeanKey = tuple[ZsSetting, tuple[str, ...]]  # a zero-shot setting and the tasks (with versions) a mean averages
+ZS_KEYS = ("zeroshot_dense", "zeroshot")  # zero-shot results before and after pruning (same shape)
 
 
-def zeroshot_means(runs: list[Run]) -> dict[MeanKey, list[Run]]:
-    """Runs with zero-shot results grouped so that their mean accuracies are comparable."""
+def mean_key(zs: dict[str, Any]) -> MeanKey:
+    """What a mean accuracy is comparable by: the setting and the tasks (with versions) it averages."""
+    return zs_setting(zs), tuple(sorted(f"{task} v{res.get('version')}" for task, res in zs.get("tasks", {}).items()))
+
+
+def zeroshot_means(runs: list[Run], key: str = "zeroshot") -> dict[MeanKey, list[Run]]:
+    """Runs with zero-shot results (``key``) grouped so that their mean accuracies are comparable."""
     out: dict[MeanKey, list[Run]] = {}
     for run in runs:
-        zs = run.report.get("zeroshot")
-        if zs:
-            tasks = tuple(sorted(f"{task} v{res.get('version')}" for task, res in zs.get("tasks", {}).items()))
-            out.setdefault((zs_setting(zs), tasks), []).append(run)
+        if run.report.get(key):
+            out.setdefault(mean_key(run.report[key]), []).append(run)
     return out
+
+
+def _add(groups: dict[Any, list[Run]], key: Any, run: Run) -> None:
+    members = groups.setdefault(key, [])
+    if run not in members:
+        members.append(run)
 
 
 def _names(runs: list[Run]) -> str:
@@ -254,18 +266,18 @@ def _acc(result: dict[str, Any]) -> str:
 
 
 def _zeroshot_columns(runs: list[Run], warnings: list[str], settings: list[str]) -> list[Column]:
-    with_zs = [r for r in runs if r.report.get("zeroshot")]
-    if not with_zs:
+    entries = [(run, run.report[key]) for run in runs for key in ZS_KEYS if run.report.get(key)]
+    if not entries:
         return []
     by_setting: dict[ZsSetting, list[Run]] = {}
     tasks: dict[tuple[str, str, ZsSetting], list[Run]] = {}
-    means = zeroshot_means(runs)
-    for run in with_zs:
-        zs = run.report["zeroshot"]
+    means: dict[MeanKey, list[Run]] = {}
+    for run, zs in entries:
         setting = zs_setting(zs)
-        by_setting.setdefault(setting, []).append(run)
+        _add(by_setting, setting, run)
         for task, res in zs.get("tasks", {}).items():
-            tasks.setdefault((task, str(res.get("version")), setting), []).append(run)
+            _add(tasks, (task, str(res.get("version")), setting), run)
+        _add(means, mean_key(zs), run)
     many_settings = len(by_setting) > 1
     if many_settings:
         warnings.append(_split_warning("zero-shot accuracy", {zs_label(s): m for s, m in by_setting.items()}))
@@ -290,25 +302,43 @@ def _zeroshot_columns(runs: list[Run], warnings: list[str], settings: list[str])
     def suffix(setting: ZsSetting) -> str:
         return f" [{zs_label(setting)}]" if many_settings else ""
 
-    def task_header(key: Any) -> str:
-        task, version, setting = key
-        split_version = len(versions[(task, setting)]) > 1
-        return f"{task} acc{f' (v{version})' if split_version else ''}{suffix(setting)}"
+    def task_header(dense: bool) -> Callable[[Any], str]:
+        def header(key: Any) -> str:
+            task, version, setting = key
+            split_version = len(versions[(task, setting)]) > 1
+            return f"{task} {'dense ' if dense else ''}acc{f' (v{version})' if split_version else ''}{suffix(setting)}"
+        return header
 
-    def task_cell(run: Run, key: Any) -> str | None:
-        task, version, setting = key
-        return _acc(run.report["zeroshot"]["tasks"][task]) if run in tasks[key] else None
+    def task_cell(which: str) -> Callable[[Run, Any], str | None]:
+        def cell(run: Run, key: Any) -> str | None:
+            task, version, setting = key
+            zs = run.report.get(which)
+            res = zs.get("tasks", {}).get(task) if zs and zs_setting(zs) == setting else None
+            return _acc(res) if res and str(res.get("version")) == version else None
+        return cell
 
-    def mean_header(key: Any) -> str:
-        setting, names = key
-        split_tasks = len(task_sets[setting]) > 1
-        return f"mean acc{f' ({len(names)} tasks: ' + ', '.join(names) + ')' if split_tasks else ''}{suffix(setting)}"
+    def mean_header(dense: bool) -> Callable[[Any], str]:
+        def header(key: Any) -> str:
+            setting, names = key
+            split_tasks = len(task_sets[setting]) > 1
+            listed = f" ({len(names)} tasks: {', '.join(names)})" if split_tasks else ""
+            return f"mean {'dense ' if dense else ''}acc{listed}{suffix(setting)}"
+        return header
 
-    def mean_cell(run: Run, key: Any) -> str | None:
-        return _acc(run.report["zeroshot"]["mean"]) if run in means[key] else None
+    def mean_cell(which: str) -> Callable[[Run, Any], str | None]:
+        def cell(run: Run, key: Any) -> str | None:
+            zs = run.report.get(which)
+            return _acc(zs["mean"]) if zs and mean_key(zs) == key and zs.get("mean", {}).get("acc") is not None else None
+        return cell
 
-    return (_keyed_columns(runs, _grouped(list(tasks)), task_header, task_cell)
-            + _keyed_columns(runs, list(means), mean_header, mean_cell))
+    columns = []
+    for key in _grouped(list(tasks)):
+        columns += _keyed_columns(runs, [key], task_header(True), task_cell("zeroshot_dense"))
+        columns += _keyed_columns(runs, [key], task_header(False), task_cell("zeroshot"))
+    for key in means:
+        columns += _keyed_columns(runs, [key], mean_header(True), mean_cell("zeroshot_dense"))
+        columns += _keyed_columns(runs, [key], mean_header(False), mean_cell("zeroshot"))
+    return columns
 
 
 def compare(runs: list[Run]) -> Comparison:
