@@ -329,6 +329,45 @@ def methods() -> None:
     console.print(table)
 
 
+@app.command()
+def report(
+    runs: list[str] = typer.Argument(..., metavar="RUN", help="run folders, sweep folders or report JSON files (llmprune eval --json)"),
+    output: Path = typer.Option(..., "--output", help="folder to write report.md, report.html and the plots into"),
+    title: str | None = typer.Option(None, "--title", help="report title"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+) -> None:
+    """Compare runs side by side: a Markdown and a self-contained HTML report with plots."""
+    _setup_logging(False)
+    from .reporting import build_report
+    from .reporting.plots import achieved_x
+
+    try:
+        with console.status("building the report"):
+            result = build_report(runs, output, title=title, overwrite=overwrite)
+    except LLMPruneError as exc:
+        _fail(exc)
+        return
+    # The terminal summary: the report's own columns, less the detail that only fits in the files.
+    shown = [c for c in result.comparison.columns if c.header in ("run", "method", "settings")
+             or (" ppl @" in c.header and " dense ppl @" not in c.header) or c.header.startswith("mean acc")]
+    table = Table(title=f"{len(result.runs)} runs compared")
+    for col in shown:
+        table.add_column(col.header, justify="right" if col.numeric else "left")
+    table.add_column("sparsity", justify="right")
+    for i, run in enumerate(result.runs):
+        x = achieved_x(run)
+        sparsity = "—" if x is None else f"{100 * x:.2f}%" + (" of params" if run.structured else "")
+        table.add_row(*(col.cells[i] for col in shown), sparsity)
+    console.print(table)
+    for warning in result.warnings:
+        console.print(f"[bold yellow]warning:[/bold yellow] {warning}", highlight=False)
+    files = Table(show_header=False)
+    for path in result.files:
+        files.add_row(path.name, f"{path.stat().st_size / 1024:,.1f} KiB")
+    console.print(f"report written to {result.output}:", highlight=False, soft_wrap=True)
+    console.print(files)
+
+
 def main() -> None:
     app()
 

@@ -7,10 +7,12 @@ after the new folder is complete.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -47,15 +49,17 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         raise
 
 
-def save_run(model: Any, tokenizer: Any, report: dict[str, Any], output: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Save model (safetensors), tokenizer and report; the model reloads with plain ``from_pretrained``."""
+@contextlib.contextmanager
+def staged_dir(output: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``output``; when the block succeeds it replaces ``output``.
+
+    An existing ``output`` is refused unless ``overwrite``, and is only replaced once the new folder
+    is complete; if the block raises, nothing is left behind and ``output`` is untouched.
+    """
     dest = check_output_dir(output, overwrite)
     tmp = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.tmp-"))
     try:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        write_json_atomic(tmp / REPORT_NAME, report)
+        yield tmp
         if dest.exists():
             old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
             os.replace(dest, old / "previous")
@@ -66,7 +70,16 @@ def save_run(model: Any, tokenizer: Any, report: dict[str, Any], output: str | o
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    return dest
+
+
+def save_run(model: Any, tokenizer: Any, report: dict[str, Any], output: str | os.PathLike[str], *, overwrite: bool) -> Path:
+    """Save model (safetensors), tokenizer and report; the model reloads with plain ``from_pretrained``."""
+    with staged_dir(output, overwrite=overwrite) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        write_json_atomic(tmp / REPORT_NAME, report)
+    return Path(output).expanduser()
 
 
 def read_report(folder: str | os.PathLike[str]) -> dict[str, Any]:
