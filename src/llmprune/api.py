@@ -175,10 +175,11 @@ def _dense_evaluation(plan: _Plan, net: Any, tok: Any, eval_tokens: dict[str, to
 def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.Tensor | None,
              eval_tokens: dict[str, torch.Tensor], timings: dict[str, float], dense: dict[str, Any],
              progress: bool, t_start: float, model_name: str, share: PruneResult | None = None,
-             extra: dict[str, Any] | None = None) -> PruneResult:
+             extra: dict[str, Any] | None = None, save_to: Path | None = None) -> PruneResult:
     """Prune a loaded, checked model, evaluate, report and save. With ``share`` (a run of the same
     model on the same calibration data), its statistics are reused where the method allows it
-    (structured methods: one calibration pass serves every ratio)."""
+    (structured methods: one calibration pass serves every ratio). ``save_to`` writes the run
+    somewhere other than the recipe's output (a sweep being built beside the one it replaces)."""
     rec, method, pattern = plan.recipe, plan.method, plan.pattern
     report: dict[str, Any] = {"model": model_name}
     timings = dict(timings)
@@ -232,7 +233,7 @@ def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.
     )
     out_path = None
     if rec.output is not None:
-        out_path = save_run(net, tok, report, rec.output, overwrite=rec.overwrite)
+        out_path = save_run(net, tok, report, save_to or rec.output, overwrite=rec.overwrite)
         log.info("saved %s", out_path)
     return PruneResult(net, tok, report, out_path, layer_reports, method)
 

@@ -21,10 +21,9 @@ builds the new sweep beside the old one and replaces it only when complete.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,7 +43,7 @@ from .api import (
 )
 from .data.tokens import calibration_windows
 from .errors import LLMPruneError
-from .io.save import REPORT_NAME, read_report, write_json_atomic
+from .io.save import REPORT_NAME, read_report, staged_dir, write_json_atomic
 from .recipe import build_recipe
 
 SWEEP_NAME = "sweep.json"
@@ -122,19 +121,27 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
         raise LLMPruneError(f"nothing to resume: {dest} does not exist")
     dest.resolve().parent.mkdir(parents=True, exist_ok=True)
     replacing = dest.exists() and not resume
-    work = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.tmp-")) if replacing else dest
+    # Replacing an old sweep: build beside it, swap in when complete (io.save.staged_dir).
+    stage = staged_dir(dest, overwrite=True) if replacing else contextlib.nullcontext(dest)
+    with stage as work:
+        plans = []
+        tasks = None
+        for value in vals:
+            folder = _folder(parameter, value)
+            rec = build_recipe(base.to_dict(), {parameter: value, "output": str(dest / folder) if save_models else None,
+                                                "overwrite": False})
+            plan = _plan(rec, tasks=tasks, check_output=False)
+            tasks = plan.tasks
+            plans.append((value, folder, plan))
+        reports = _run_points(plans, work, done, settings, parameter, model if in_memory else None, tokenizer,
+                              save_models, progress)
+    index = json.loads((dest / SWEEP_NAME).read_text(encoding="utf-8"))
+    return SweepResult(dest, index["points"], reports)
 
-    plans = []
-    tasks = None
-    for value in vals:
-        folder = _folder(parameter, value)
-        rec = build_recipe(base.to_dict(), {parameter: value, "output": str(work / folder) if save_models else None,
-                                            "overwrite": False})
-        plan = _plan(rec, tasks=tasks, check_output=False)
-        tasks = plan.tasks
-        plans.append((value, folder, plan))
 
-    # --- run ------------------------------------------------------------------------------------------
+def _run_points(plans: list[tuple[Any, str, Any]], work: Path, done: set[str], settings: dict[str, Any],
+                parameter: str, model: Any, tokenizer: Any, save_models: bool, progress: bool) -> list[dict[str, Any]]:
+    """Run the pending points into ``work``; ``model`` is the in-memory dense model (None: load by name)."""
     work.mkdir(parents=True, exist_ok=True)
     points = [{"value": v, "folder": f, "status": "done" if f in done else "pending"} for v, f, _ in plans]
     reports: list[dict[str, Any]] = [read_report(work / f) for _, f, _ in plans if f in done]
@@ -143,61 +150,43 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
         write_json_atomic(work / SWEEP_NAME, {"sweep": settings, "complete": complete, "points": points})
 
     write_index(False)
-    try:
-        dense_model = None
-        loaded_once = False
-        calib_cache: dict[tuple[Any, ...], Any] = {}
-        eval_tokens: dict[str, Any] | None = None  # the tokenizer is the same at every point
-        dense: dict[str, Any] = {}
-        shared: tuple[tuple[Any, ...], PruneResult] | None = None  # (calibration key, last run without its model)
-        for i, (value, folder, plan) in enumerate(plans):
-            if folder in done:
-                continue
-            rec = plan.recipe
-            t_point = time.perf_counter()
-            if in_memory:
-                if dense_model is None:
-                    dense_model = copy.deepcopy(model)
-                source_model = copy.deepcopy(dense_model)
-            else:
-                source_model = None
-            net, tok, view, load_s = _load_checked(rec, plan, source_model, tokenizer)
-            t0 = time.perf_counter()
-            calib_key = (plan.calib_source.key if plan.calib_source else None, rec.calib.nsamples,
-                         rec.calib.seqlen, rec.calib.seed)
-            if plan.calib_source is not None and calib_key not in calib_cache:
-                calib_cache[calib_key] = calibration_windows(tok, plan.calib_source, rec.calib.nsamples,
-                                                             rec.calib.seqlen, rec.calib.seed)
-            calib_ids = calib_cache.get(calib_key)
-            if eval_tokens is None or parameter == "eval.datasets":
-                eval_tokens = _tokens_by_name(tok, plan.eval_sources)
-            data_s = time.perf_counter() - t0
-            if not loaded_once:
-                dense = _dense_evaluation(plan, net, tok, eval_tokens, progress)
-                loaded_once = True
-            share = shared[1] if shared is not None and shared[0] == calib_key else None
-            result = _execute(plan, net, tok, view, calib_ids, eval_tokens, {"load_s": load_s, "data_s": data_s},
-                              dense, progress, t_point, rec.model.name if not in_memory else type(net).__name__,
-                              share=share, extra={"sweep": {"parameter": parameter, "value": value, "index": i,
-                                                            "folder": folder}})
-            if not save_models:
-                (work / folder).mkdir(parents=True, exist_ok=True)
-                write_json_atomic(work / folder / REPORT_NAME, result.report)
-            shared = (calib_key, PruneResult(None, None, {}, None, result.layer_reports, result.method))
-            reports.append(result.report)
-            points[i]["status"] = "done"
-            write_index(False)
-            del net, result
-        write_index(True)
-        if replacing:
-            old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
-            dest.replace(old / "previous")
-            work.replace(dest)
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        if replacing:
-            shutil.rmtree(work, ignore_errors=True)
-        raise
+    calib_cache: dict[tuple[Any, ...], Any] = {}
+    eval_tokens: dict[str, Any] | None = None  # the tokenizer is the same at every point
+    dense: dict[str, Any] | None = None
+    shared: tuple[tuple[Any, ...], PruneResult] | None = None  # (calibration key, last run without its model)
+    for i, (value, folder, plan) in enumerate(plans):
+        if folder in done:
+            continue
+        rec = plan.recipe
+        t_point = time.perf_counter()
+        source = copy.deepcopy(model) if model is not None else None  # the caller's model stays dense
+        net, tok, view, load_s = _load_checked(rec, plan, source, tokenizer)
+        t0 = time.perf_counter()
+        calib_key = (plan.calib_source.key if plan.calib_source else None, rec.calib.nsamples,
+                     rec.calib.seqlen, rec.calib.seed)
+        if plan.calib_source is not None and calib_key not in calib_cache:
+            calib_cache[calib_key] = calibration_windows(tok, plan.calib_source, rec.calib.nsamples,
+                                                         rec.calib.seqlen, rec.calib.seed)
+        if eval_tokens is None or parameter == "eval.datasets":
+            eval_tokens = _tokens_by_name(tok, plan.eval_sources)
+        data_s = time.perf_counter() - t0
+        if dense is None:
+            dense = _dense_evaluation(plan, net, tok, eval_tokens, progress)
+        share = shared[1] if shared is not None and shared[0] == calib_key else None
+        result = _execute(plan, net, tok, view, calib_cache.get(calib_key), eval_tokens,
+                          {"load_s": load_s, "data_s": data_s}, dense, progress, t_point,
+                          rec.model.name if model is None else type(net).__name__, share=share,
+                          extra={"sweep": {"parameter": parameter, "value": value, "index": i, "folder": folder}},
+                          save_to=work / folder)
+        if not save_models:
+            (work / folder).mkdir(parents=True, exist_ok=True)
+            write_json_atomic(work / folder / REPORT_NAME, result.report)
+        shared = (calib_key, PruneResult(None, None, {}, None, result.layer_reports, result.method))
+        reports.append(result.report)
+        points[i]["status"] = "done"
+        write_index(False)
+        del net, result
+    write_index(True)
     order = {f: k for k, (_, f, _) in enumerate(plans)}
     reports.sort(key=lambda r: order.get(r.get("sweep", {}).get("folder"), 0))
-    return SweepResult(dest, points, reports)
+    return reports
