@@ -10,10 +10,10 @@ import torch
 from typer.testing import CliRunner
 
 import llmprune
-import llmprune.sweep as sweep_mod
+import llmprune.sweeps as sweep_mod
 from llmprune.cli import app
 from llmprune.errors import LLMPruneError
-from llmprune.sweep import SWEEP_NAME, parse_values, sweep
+from llmprune.sweeps import SWEEP_NAME, parse_values, sweep
 
 runner = CliRunner()
 

@@ -5,7 +5,8 @@ Public API::
     import llmprune
     result = llmprune.prune("smollm2-135m", method="wanda", sparsity=0.5, eval="wikitext2",
                             data_dir="../shared/data", output="runs/wanda50")
-    llmprune.evaluate("runs/wanda50", datasets="wikitext2", data_dir="../shared/data")
+    llmprune.evaluate("runs/wanda50", datasets="wikitext2", tasks="offline", data_dir="../shared/data")
+    llmprune.sweep("smollm2-135m", values=[0.3, 0.5, 0.7], method="wanda", output="runs/sweep")
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from .api import PruneResult, evaluate, load, prune
 from .errors import LLMPruneError
 from .methods import METHODS
 from .recipe import Recipe, load_recipe
+from .sweeps import SweepResult, sweep
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "LLMPruneError", "PruneResult", "Recipe", "evaluate", "load", "load_recipe", "prune"]
+__all__ = ["METHODS", "LLMPruneError", "PruneResult", "Recipe", "evaluate", "load", "load_recipe", "prune", "sweep", "SweepResult"]

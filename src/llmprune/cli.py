@@ -229,7 +229,7 @@ def sweep(
     _setup_logging(verbose)
     from .api import fields_from_kwargs
     from .recipe import build_recipe, load_recipe_dict, parse_set
-    from .sweep import sweep as api_sweep
+    from .sweeps import sweep as api_sweep
 
     try:
         if (sparsities is None) == (values is None):

@@ -19,6 +19,7 @@ from typing import Any
 from ..errors import LLMPruneError
 
 REPORT_NAME = "llmprune.json"
+SWEEP_NAME = "sweep.json"  # the index of a sweep folder (llmprune.sweeps)
 
 
 def check_output_dir(output: str | os.PathLike[str], overwrite: bool) -> Path:

@@ -21,9 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import LLMPruneError
-from ..io.save import REPORT_NAME, read_report
-
-SWEEP_NAME = "sweep.json"
+from ..io.save import REPORT_NAME, SWEEP_NAME, read_report
 
 
 @dataclass(eq=False)

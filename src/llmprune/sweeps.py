@@ -43,10 +43,8 @@ from .api import (
 )
 from .data.tokens import calibration_windows
 from .errors import LLMPruneError
-from .io.save import REPORT_NAME, read_report, staged_dir, write_json_atomic
+from .io.save import REPORT_NAME, SWEEP_NAME, read_report, staged_dir, write_json_atomic
 from .recipe import build_recipe
-
-SWEEP_NAME = "sweep.json"
 
 
 @dataclass
