@@ -274,6 +274,8 @@ def test_uniform_widths_are_a_stock_checkpoint(family: str, tiny_model_dir, cali
                             seqlen=32, output=str(out), method_options={"uniform": True})
     assert result.report["structure"]["checkpoint"]["stock_checkpoint"] is True
     assert STRUCTURE_KEY not in json.loads((out / "config.json").read_text())
+    # No importance-driven allocation is reported when widths are forced uniform.
+    assert result.report["structure"]["keep_fractions"] == [] and result.report["structure"]["uniform_widths"]
     reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():

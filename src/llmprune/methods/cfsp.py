@@ -104,4 +104,5 @@ class Cfsp(ChannelMethod):
         metric = self.options.importance  # type: ignore[attr-defined]
         return {"block_importance": {"metric": metric, "values": [self.layer_stats[i].importance[metric]
                                                                   for i in sorted(self.layer_stats)]},
+                # Empty with method.uniform=true: no importance-driven allocation was made.
                 "keep_fractions": self.keep, "calibration_tokens": first.tokens}

@@ -172,9 +172,8 @@ class ChannelMethod(Method):
         if missing:
             raise LLMPruneError(f"{self.name}: no calibration statistics for layers {missing}")
         all_scores = self.scores(view)
-        counts = self.allocate(view, all_scores)
-        if opts.uniform:
-            counts = self.uniform_counts(len(counts))
+        # method.uniform overrides the method's own allocation (which is then not computed at all).
+        counts = self.uniform_counts(len(view.layers)) if opts.uniform else self.allocate(view, all_scores)
         for layer, count in zip(view.layers, counts, strict=True):
             if count < 1:
                 raise LLMPruneError(f"the allocation leaves layer {layer.index} with no MLP channels; "
