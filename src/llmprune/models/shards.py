@@ -82,7 +82,6 @@ class ShardReader:
                         reader.tensors[key] = TensorInfo(name, sl.get_dtype(), tuple(sl.get_shape()))
             except Exception as exc:  # safetensors raises its own error types for corrupt files
                 raise LLMPruneError(f"shard {path} cannot be read ({exc}); the checkpoint is corrupt") from None
-            _check_length(path, reader.tensors, name)
         wrong = [k for k, f in weight_map.items() if reader.tensors.get(k) is None or reader.tensors[k].file != f]
         if wrong:
             raise LLMPruneError(f"{index}: {len(wrong)} tensor(s) are not in the shard the index names, e.g. "
@@ -117,20 +116,6 @@ class ShardReader:
             "files": {f: (self.folder / f).stat().st_size for f in files},
             "tensors": {k: [t.dtype, list(t.shape)] for k, t in sorted(self.tensors.items())},
         }
-
-
-def _check_length(path: Path, tensors: dict[str, TensorInfo], name: str) -> None:
-    """A truncated shard has a valid header but too few bytes; safetensors only notices on reading."""
-    import struct
-
-    with path.open("rb") as fh:
-        header_len = struct.unpack("<Q", fh.read(8))[0]
-        header = json.loads(fh.read(header_len))
-    end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    size = path.stat().st_size
-    if size < 8 + header_len + end:
-        raise LLMPruneError(f"shard {path} is truncated ({size} bytes, its header describes {8 + header_len + end}); "
-                            f"the checkpoint is corrupt")
 
 
 def tensor_bytes(info: TensorInfo, dtype: torch.dtype) -> int:
