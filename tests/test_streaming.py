@@ -118,10 +118,16 @@ def test_killed_run_resumes_to_identical_output(calib_file: Path, tmp_path: Path
         llmprune.prune(str(src), output=str(out), stream="on",
                        **prune_args(calib_file, method="sparsegpt", sparsity=0.6))
     assert json.loads((work / PROGRESS_NAME).read_text()) == progress and not out.exists()
+    # Resumed, then killed again after the last layer (before the output was assembled) ...
+    killed = _cli(cmd, {"LLMPRUNE_TEST_KILL_AFTER_LAYER": "3"})
+    assert killed.returncode == -9 and not out.exists(), killed.stderr[-2000:]
+    assert json.loads((work / PROGRESS_NAME).read_text())["layers_done"] == 4
+    # ... and the third run only assembles the output.
     resumed = _cli(cmd)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     report = json.loads((out / "llmprune.json").read_text())
-    assert report["streaming"]["resumed_at_layer"] == 2 and len(report["layers"]) == 4
+    assert report["streaming"]["resumed_at_layer"] == 4 and len(report["layers"]) == 4
+    assert [r["layer"] for r in report["layers"]] == [0, 1, 2, 3]
     assert not work.exists()
     ref = tmp_path / "ref"
     llmprune.prune(str(src), output=str(ref), stream="on", **prune_args(calib_file, method="sparsegpt"))

@@ -381,6 +381,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
               "streaming": {"resumed_at_layer": resumed_from, "layers": len(view.layers)}}
     write_json_atomic(work / REPORT_NAME, report)
     check_output_dir(dest, rec.overwrite)
+    store.discard_progress()
     install_dir(work, dest)
     log.info("saved %s", dest)
     return PruneResult(None, tok, report, dest, layer_reports, method)

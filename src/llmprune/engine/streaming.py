@@ -111,7 +111,7 @@ class StreamingStore(LayerStore):
     # --- LayerStore -----------------------------------------------------------------------------
 
     def resumed_hidden(self) -> list[Tensor] | None:
-        if self.start == 0:
+        if self.start == 0 or self.start >= len(self.view.layers):  # nothing to resume, or nothing left to run
             return None
         return torch.load(self.work / f"hidden-{self.start - 1:05d}.pt", mmap=True)
 
@@ -170,23 +170,26 @@ class StreamingStore(LayerStore):
         return out
 
     def finish(self) -> None:
-        """Turn the work folder into a checkpoint: final shard names, an index; drop the resume state."""
-        n_layers = len(self.view.layers)
-        names = [OUTSIDE_SHARD] + [_layer_shard(i) for i in range(n_layers)]
-        total = len(names)
-        weight_map: dict[str, str] = {}
-        size = 0
+        """Turn the work folder into a checkpoint: final shard names and an index (idempotent, so a run
+        killed here finishes on the next try). The resume record stays until :meth:`discard_progress`."""
         from safetensors import safe_open
 
+        names = [OUTSIDE_SHARD] + [_layer_shard(i) for i in range(len(self.view.layers))]
+        weight_map: dict[str, str] = {}
+        size = 0
         for k, name in enumerate(names, start=1):
-            final = f"model-{k:05d}-of-{total:05d}.safetensors"
-            path = self.work / name
-            with safe_open(str(path), framework="pt") as fh:
-                for key in fh.keys():  # noqa: SIM118
-                    weight_map[key] = final
-            size += path.stat().st_size
-            os.replace(path, self.work / final)
-        write_json_atomic(self.work / INDEX_NAME, {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))})
+            final = self.work / f"model-{k:05d}-of-{len(names):05d}.safetensors"
+            if (self.work / name).is_file():
+                os.replace(self.work / name, final)
+            with safe_open(str(final), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118  (safe_open handles are not iterable)
+                    weight_map[key] = final.name
+            size += final.stat().st_size
+        write_json_atomic(self.work / INDEX_NAME, {"metadata": {"total_size": size},
+                                                   "weight_map": dict(sorted(weight_map.items()))})
         for path in self.work.glob("hidden-*.pt"):
             path.unlink()
+
+    def discard_progress(self) -> None:
+        """The run is complete in the work folder: drop the resume record before it becomes the output."""
         (self.work / PROGRESS_NAME).unlink()
