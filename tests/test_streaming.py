@@ -215,3 +215,18 @@ def test_auto_streams_when_the_checkpoint_does_not_fit(calib_file: Path, tmp_pat
     tight = llmprune.prune(str(src), output=str(tmp_path / "tight"), **prune_args(calib_file))
     assert tight.report["streaming"]["layers"] == 3
     assert_same_tensors(tmp_path / "fits", tmp_path / "tight")
+
+
+def test_shaped_model_script_writes_a_loadable_sharded_checkpoint(calib_file: Path, tmp_path: Path) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from make_shaped_model import make
+
+    out = tmp_path / "shaped"
+    info = make("llama2-7b", out, layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                num_key_value_heads=4, vocab_size=300)
+    assert info["layers"] == 2 and len(list(out.glob("*.safetensors"))) == 3
+    assert all(t.dtype == torch.bfloat16 for t in tensors(out).values())
+    args = prune_args(calib_file, dtype="bfloat16")
+    llmprune.prune(str(out), output=str(tmp_path / "mem"), stream="off", **args)
+    llmprune.prune(str(out), output=str(tmp_path / "str"), stream="on", **args)
+    assert_same_tensors(tmp_path / "mem", tmp_path / "str")
