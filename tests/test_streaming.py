@@ -198,6 +198,8 @@ def test_unsupported_stream_requests_fail_clearly(kw: dict, message: str, calib_
     with pytest.raises(LLMPruneError, match=message):
         llmprune.prune(str(src), stream="on", **args)
     assert not (tmp_path / "out").exists()
+    with pytest.raises(LLMPruneError, match="sweeps prune in memory"):
+        llmprune.sweep(str(src), values="0.3", stream="on", output=str(tmp_path / "sweep"), **prune_args(calib_file))
     model = tiny_model("llama")
     with pytest.raises(LLMPruneError, match="not a loaded model"):
         llmprune.prune(model, tokenizer=byte_level_tokenizer(), stream="on", **prune_args(calib_file))
