@@ -287,13 +287,13 @@ def _stream_source(plan: _Plan) -> Path | None:
         return None
     source = resolve_source(rec.model.name)
     if mode == "auto":
-        if source.kind != "folder" or _structure_record(Path(source.location)) is not None:
+        folder = Path(source.location)
+        if source.kind != "folder" or _structure_record(folder) is not None or not any(folder.glob("*.safetensors")):
             return None
         import psutil
 
         dtype = pick_dtype(rec.model.dtype, plan.device)
-        size = sum(p.stat().st_size for p in Path(source.location).glob("*.safetensors"))
-        size = size * max(1, torch.tensor([], dtype=dtype).element_size() // 2)  # bf16/fp16 files loaded as float32
+        size = sum(tensor_bytes(t, dtype) for t in ShardReader.open(folder).tensors.values())
         available = psutil.virtual_memory().available
         if size <= _STREAM_MEMORY_FRACTION * available:
             return None
