@@ -354,6 +354,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
         calib_ids = calibration_windows(tok, plan.calib_source, rec.calib.nsamples, rec.calib.seqlen, rec.calib.seed)
     data_s = time.perf_counter() - t0
     settings = {k: v for k, v in resolved_recipe(rec, method, pattern).items() if k not in ("output", "overwrite")}
+    settings["model"] = {k: v for k, v in settings["model"].items() if k != "stream"}  # auto and on may resume each other
     settings_id = settings_hash({
         "recipe": settings, "tokens": token_hash(calib_ids) if calib_ids is not None else None,
         "checkpoint": reader.fingerprint(), "device": str(plan.device), "dtype": str(dtype),
