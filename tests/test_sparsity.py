@@ -283,3 +283,16 @@ def test_input_stats_flag_nonfinite_inputs(bad: float, hessian: bool) -> None:
     stats.update(x)
     assert stats.nonfinite
     assert torch.isfinite(stats.sq_norm).all()
+
+
+def test_row_selection_equals_a_stable_sort_with_many_ties() -> None:
+    from llmprune.sparsity.select import prune_lowest_per_row
+
+    for trial in range(60):
+        gen = torch.Generator().manual_seed(trial)
+        rows, cols = torch.randint(1, 7, (2,), generator=gen).tolist()
+        scores = torch.randint(0, 4, (rows, 4 * cols), generator=gen).float()  # mostly ties
+        for count in range(4 * cols + 1):
+            order = torch.sort(scores, dim=-1, stable=True).indices[:, :count]
+            expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
+            assert torch.equal(prune_lowest_per_row(scores, count), expected), (trial, count)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,12 +15,21 @@ from pydantic import ValidationError
 from .data.sources import TextSource, resolve, resolve_data_dir
 from .data.tokens import calibration_windows, evaluation_tokens, token_hash
 from .engine.engine import run_layerwise
+from .engine.streaming import StreamingStore, partial_dir, settings_hash
 from .errors import LLMPruneError
 from .eval.perplexity import perplexity
 from .eval.zeroshot import PreparedTasks, prepare_tasks, run_zeroshot
-from .io.save import check_output_dir, save_run
+from .io.save import REPORT_NAME, check_output_dir, install_dir, save_run, write_json_atomic
 from .methods import METHODS, Method
-from .models.loading import load_model, pick_device
+from .models.loading import (
+    _structure_record,
+    gguf_to_folder,
+    load_model,
+    pick_device,
+    pick_dtype,
+    resolve_source,
+)
+from .models.shards import ShardReader, empty_model, tensor_bytes
 from .models.view import ModelView, check_finite_weights, check_not_tied, model_view
 from .recipe import Recipe, build_recipe
 from .report import param_count, peak_rss_mb, sparsity_report, versions
@@ -32,6 +42,7 @@ FIELD_NAMES = {
     "model": "model.name",
     "dtype": "model.dtype",
     "device": "model.device",
+    "stream": "model.stream",
     "method": "method.name",
     "sparsity": "method.sparsity",
     "pattern": "method.pattern",
@@ -72,6 +83,8 @@ def fields_from_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     for key in ("eval.datasets", "eval.tasks"):
         if isinstance(fields.get(key), str):
             fields[key] = [d.strip() for d in fields[key].split(",") if d.strip()]
+    if isinstance(fields.get("model.stream"), bool):
+        fields["model.stream"] = "on" if fields["model.stream"] else "off"
     for key, value in (kwargs.get("method_options") or {}).items():
         fields[f"method.{key}"] = value
     return fields
@@ -172,6 +185,32 @@ def _dense_evaluation(plan: _Plan, net: Any, tok: Any, eval_tokens: dict[str, to
     return out
 
 
+def _report_fields(plan: _Plan, net: Any, calib_ids: torch.Tensor | None, sparsity: dict[str, Any],
+                   structure: dict[str, Any], layer_reports: list[dict[str, Any]],
+                   timings: dict[str, float]) -> dict[str, Any]:
+    """The report sections every pruning run has (in memory or streamed)."""
+    rec, method, pattern, calib_source = plan.recipe, plan.method, plan.pattern, plan.calib_source
+    return {
+        "method": method.name,
+        "recipe": resolved_recipe(rec, method, pattern),
+        "calibration": None if calib_source is None else {
+            **calib_source.describe(), "nsamples": rec.calib.nsamples, "seqlen": rec.calib.seqlen,
+            "seed": rec.calib.seed, "tokens": int(calib_ids.numel()) if calib_ids is not None else 0,
+            "tokens_sha256": token_hash(calib_ids) if calib_ids is not None else None,
+        },
+        "evaluation_data": {s.name: s.describe() for s in plan.eval_sources},
+        "sparsity": sparsity,
+        "params": {"total": param_count(net), "pruned_linears": sparsity["weights"],
+                   **({"dense": structure["params"]["dense"]} if method.structured else {})},
+        **({"structure": structure} if method.structured else {}),
+        "layers": layer_reports,
+        "timings": {k: round(v, 3) for k, v in timings.items()},
+        "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
+        "device": str(plan.device),
+        "versions": versions(),
+    }
+
+
 def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.Tensor | None,
              eval_tokens: dict[str, torch.Tensor], timings: dict[str, float], dense: dict[str, Any],
              progress: bool, t_start: float, model_name: str, share: PruneResult | None = None,
@@ -208,34 +247,145 @@ def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.
         report["zeroshot"] = _zeroshot(net, tok, plan.tasks, rec, plan.device)
         timings["zeroshot_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - t_start
-    calib_source = plan.calib_source
-    report.update(
-        {
-            "method": method.name,
-            "recipe": resolved_recipe(rec, method, pattern),
-            "calibration": None if calib_source is None else {
-                **calib_source.describe(), "nsamples": rec.calib.nsamples, "seqlen": rec.calib.seqlen,
-                "seed": rec.calib.seed, "tokens": int(calib_ids.numel()) if calib_ids is not None else 0,
-                "tokens_sha256": token_hash(calib_ids) if calib_ids is not None else None,
-            },
-            "evaluation_data": {s.name: s.describe() for s in plan.eval_sources},
-            "sparsity": sparsity,
-            "params": {"total": param_count(net), "pruned_linears": sparsity["weights"],
-                       **({"dense": structure["params"]["dense"]} if method.structured else {})},
-            **({"structure": structure} if method.structured else {}),
-            "layers": layer_reports,
-            "timings": {k: round(v, 3) for k, v in timings.items()},
-            "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
-            "device": str(plan.device),
-            "versions": versions(),
-            **(extra or {}),
-        }
-    )
+    report.update(_report_fields(plan, net, calib_ids, sparsity, structure, layer_reports, timings))
+    report.update(extra or {})
     out_path = None
     if rec.output is not None:
         out_path = save_run(net, tok, report, save_to or rec.output, overwrite=rec.overwrite)
         log.info("saved %s", out_path)
     return PruneResult(net, tok, report, out_path, layer_reports, method)
+
+
+_STREAM_MEMORY_FRACTION = 0.5  # stream=auto streams a checkpoint larger than this share of available memory
+
+
+def _stream_unsupported(plan: _Plan) -> list[str]:
+    """Why this run cannot be streamed (empty: it can)."""
+    rec, method = plan.recipe, plan.method
+    reasons = []
+    if method.structured or method.propagate != "pruned" or type(method).finalize is not Method.finalize:
+        reasons.append(f"method {method.name} needs all layers before it removes anything (streaming supports the "
+                       f"layer-local methods {', '.join(streamable_methods())})")
+    if rec.eval.datasets or rec.eval.tasks:
+        reasons.append("evaluation during a streamed prune is not supported; evaluate the output folder with "
+                       "llmprune eval")
+    if rec.output is None:
+        reasons.append("a streamed prune writes its result to disk; pass --output")
+    return reasons
+
+
+def streamable_methods() -> list[str]:
+    return [name for name in METHODS.names() if not METHODS.get(name).structured
+            and METHODS.get(name).propagate == "pruned" and METHODS.get(name).finalize is Method.finalize]
+
+
+def _stream_source(plan: _Plan) -> Path | None:
+    """The safetensors folder to stream from, or None to prune in memory (``model.stream``)."""
+    rec = plan.recipe
+    mode = rec.model.stream
+    if mode == "off":
+        return None
+    source = resolve_source(rec.model.name)
+    if mode == "auto":
+        folder = Path(source.location)
+        if source.kind != "folder" or _structure_record(folder) is not None or not any(folder.glob("*.safetensors")):
+            return None
+        import psutil
+
+        dtype = pick_dtype(rec.model.dtype, plan.device)
+        size = sum(tensor_bytes(t, dtype) for t in ShardReader.open(folder).tensors.values())
+        available = psutil.virtual_memory().available
+        if size <= _STREAM_MEMORY_FRACTION * available:
+            return None
+        reasons = _stream_unsupported(plan)
+        if reasons:
+            log.warning("the checkpoint (%.1f GB) may not fit in memory (%.1f GB available) but cannot be streamed: %s",
+                        size / 1e9, available / 1e9, "; ".join(reasons))
+            return None
+        log.info("streaming: the checkpoint (%.1f GB) exceeds half the available memory (%.1f GB)",
+                 size / 1e9, available / 1e9)
+    reasons = _stream_unsupported(plan)
+    if reasons:
+        raise LLMPruneError("--stream: " + "; ".join(reasons))
+    if source.kind == "hub":
+        raise LLMPruneError(f"--stream reads local checkpoints; download {source.name} first "
+                            f"(e.g. huggingface-cli download {source.name} --local-dir DIR) and pass the folder")
+    if source.kind in ("builtin", "gguf"):
+        return gguf_to_folder(source.location)
+    if _structure_record(Path(source.location)) is not None:
+        raise LLMPruneError(f"{source.location} is a structurally pruned checkpoint; --stream supports ordinary "
+                            f"checkpoints only")
+    return Path(source.location)
+
+
+def _check_disk(reader: ShardReader, dtype: torch.dtype, work: Path, calib_ids: torch.Tensor | None,
+                hidden_size: int) -> None:
+    """Refuse before any work when the output (plus two layers' activations) cannot fit on the disk."""
+    need = sum(tensor_bytes(t, dtype) for t in reader.tensors.values())
+    if calib_ids is not None:
+        need += 2 * calib_ids.numel() * hidden_size * torch.tensor([], dtype=dtype).element_size()
+    if work.is_dir():
+        need -= sum(p.stat().st_size for p in work.iterdir() if p.is_file())
+    free = shutil.disk_usage(work.parent).free
+    if need > free:
+        raise LLMPruneError(f"not enough disk space in {work.parent} for the output: it needs about "
+                            f"{need / 1e9:.2f} GB, {free / 1e9:.2f} GB are free")
+
+
+def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -> PruneResult:
+    """Prune ``folder`` one decoder layer at a time into ``plan.recipe.output`` (resumably)."""
+    from transformers import AutoTokenizer
+
+    rec, method, pattern = plan.recipe, plan.method, plan.pattern
+    assert rec.output is not None
+    dest = Path(rec.output).expanduser()
+    dtype = pick_dtype(rec.model.dtype, plan.device)
+    t0 = time.perf_counter()
+    reader = ShardReader.open(folder)
+    net = empty_model(folder, dtype)
+    view = model_view(net)
+    method.validate(view)
+    check_not_tied(view)
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    load_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    calib_ids = None
+    if plan.calib_source is not None:
+        calib_ids = calibration_windows(tok, plan.calib_source, rec.calib.nsamples, rec.calib.seqlen, rec.calib.seed)
+    data_s = time.perf_counter() - t0
+    settings = {k: v for k, v in resolved_recipe(rec, method, pattern).items() if k not in ("output", "overwrite")}
+    settings["model"] = {k: v for k, v in settings["model"].items() if k != "stream"}  # auto and on may resume each other
+    settings_id = settings_hash({
+        "recipe": settings, "tokens": token_hash(calib_ids) if calib_ids is not None else None,
+        "checkpoint": reader.fingerprint(), "device": str(plan.device), "dtype": str(dtype),
+    })
+    work = partial_dir(dest)
+    _check_disk(reader, dtype, work, calib_ids, int(getattr(net.config, "hidden_size", 0) or 0))
+    store = StreamingStore(view, reader, work, settings_id, dtype, pattern)
+    if store.start:
+        log.info("resuming the streamed run in %s after layer %d", work, store.start - 1)
+    resumed_from = store.start
+    t0 = time.perf_counter()
+    store.materialize_outside()
+    layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=torch.device("cpu"),
+                                  batch_size=rec.calib.batch_size, progress=progress, store=store)
+    structure = method.finalize(view)
+    timings = {"load_s": load_s, "data_s": data_s, "prune_s": time.perf_counter() - t0}
+    store.finish()
+    net.config.save_pretrained(work)
+    if net.can_generate() and getattr(net, "generation_config", None) is not None:
+        net.generation_config.save_pretrained(work)
+    tok.save_pretrained(work)
+    timings["total_s"] = time.perf_counter() - t_start
+    report = {"model": rec.model.name,
+              **_report_fields(plan, net, calib_ids, store.sparsity(), structure, layer_reports, timings),
+              "streaming": {"resumed_at_layer": resumed_from, "layers": len(view.layers)}}
+    write_json_atomic(work / REPORT_NAME, report)
+    check_output_dir(dest, rec.overwrite)
+    store.discard_progress()
+    install_dir(work, dest)
+    log.info("saved %s", dest)
+    return PruneResult(None, tok, report, dest, layer_reports, method)
 
 
 def _base_recipe(recipe: Recipe | str | Path | dict[str, Any] | None) -> dict[str, Any]:
@@ -285,6 +435,11 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
         raise LLMPruneError("pass tokenizer= along with an in-memory model")
 
     plan = _plan(rec)  # everything a user can get wrong is checked here, before loading or computing anything
+    stream_from = None if in_memory else _stream_source(plan)
+    if stream_from is None and in_memory and rec.model.stream == "on":
+        raise LLMPruneError("--stream reads a checkpoint from disk; pass a model name or folder, not a loaded model")
+    if stream_from is not None:
+        return _prune_streamed(plan, stream_from, progress, t_start)
     net, tok, view, load_s = _load_checked(rec, plan, model if in_memory else None, tokenizer)
     t0 = time.perf_counter()
     calib_ids = None

@@ -113,6 +113,8 @@ def prune(
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str | None = typer.Option(None, "--device"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="calibration windows per forward"),
+    stream: bool | None = typer.Option(None, "--stream/--no-stream", help="prune one layer at a time from the "
+                                       "checkpoint's shards into the output, resumably (default: when it does not fit)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Prune a model and report sparsity, perplexity, time and memory."""
@@ -128,7 +130,7 @@ def prune(
             "calib_dataset": calib_dataset, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
             "data_dir": data_dir, "eval": eval_, "eval_seqlen": eval_seqlen, "eval_windows": eval_windows,
             "eval_dense": eval_dense, "overwrite": overwrite or None, "dtype": dtype, "device": device,
-            "batch_size": batch_size, "tasks": tasks, "limit": limit,
+            "batch_size": batch_size, "tasks": tasks, "limit": limit, "stream": stream,
         }
         rec = build_recipe(base, fields_from_kwargs(flags), parse_set(set_))
         result = api_prune(recipe=rec, progress=True)

@@ -9,7 +9,7 @@ own option schema; the saved recipe has every option resolved, defaults included
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -25,6 +25,9 @@ class ModelSpec(_Strict):
     name: str = "smollm2-135m"
     dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
     device: str = Field("auto", description="compute device: auto, cpu, cuda, cuda:1 ...")
+    stream: Literal["auto", "on", "off"] = Field(
+        "auto", description="load, prune and write one decoder layer at a time from the checkpoint's shards "
+        "(resumable); auto: when the checkpoint is larger than half the available memory")
 
 
 class CalibSpec(_Strict):

@@ -94,6 +94,9 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
     if model is not None and not in_memory:
         kwargs["model"] = str(model)
     base = build_recipe(_base_recipe(recipe), fields_from_kwargs(kwargs))
+    if base.model.stream == "on":
+        raise LLMPruneError("sweeps prune in memory (their points share one loaded model); model.stream=on is for "
+                            "llmprune prune")
     if in_memory and tokenizer is None:
         raise LLMPruneError("pass tokenizer= along with an in-memory model")
     dest = Path(output).expanduser()

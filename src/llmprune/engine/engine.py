@@ -197,6 +197,31 @@ class LayerContext:
         return stats
 
 
+class LayerStore:
+    """Where the decoder layers live between steps of :func:`run_layerwise`.
+
+    This default keeps the whole model in memory and does nothing. The streaming store
+    (:mod:`llmprune.engine.streaming`) loads each layer from the checkpoint's shards before its
+    step, writes it to the output and frees it afterwards, and records progress for resuming.
+    """
+
+    start: int = 0  # layers before this one are already done (a resumed run)
+    reports: list[dict[str, Any]] = []  # noqa: RUF012  (never mutated: the done layers' reports)
+
+    def resumed_hidden(self) -> list[Tensor] | None:
+        """The inputs of layer ``start`` saved by an interrupted run, if any."""
+        return None
+
+    @contextmanager
+    def loaded(self, layer: DecoderLayer) -> Iterator[None]:
+        """Keep ``layer``'s weights materialised for the block."""
+        yield
+
+    def done(self, layer: DecoderLayer, report: dict[str, Any], hidden: list[Tensor] | None) -> list[Tensor] | None:
+        """Called inside :meth:`loaded` once ``layer`` is pruned; returns the inputs of the next layer."""
+        return hidden
+
+
 def run_layerwise(
     view: ModelView,
     method: Method,
@@ -206,6 +231,7 @@ def run_layerwise(
     cache_device: torch.device | None = None,
     batch_size: int = 1,
     progress: bool = False,
+    store: LayerStore | None = None,
 ) -> list[dict[str, Any]]:
     """Prune every decoder layer of ``view`` with ``method``; return one report dict per layer.
 
@@ -217,31 +243,45 @@ def run_layerwise(
     is also what lets a global allocation run after all layers were seen). For "dense" the
     outputs come from the same pass that observes the statistics, so each layer runs once.
     The caller runs ``method.finalize(view)`` afterwards (global allocation, channel removal).
+
+    ``store`` decides where the layers live (default: all in memory); a streaming store loads one
+    layer at a time and may resume after ``store.start`` layers.
     """
     cache_device = cache_device or device
+    store = store or LayerStore()
     model = view.model
-    reports: list[dict[str, Any]] = []
-    bar = tqdm(view.layers, desc=f"{method.name}: layers", disable=not progress, unit="layer")
+    reports: list[dict[str, Any]] = [dict(r) for r in store.reports]
+    todo = view.layers[store.start:]
+    bar = tqdm(todo, desc=f"{method.name}: layers", disable=not progress, unit="layer",
+               initial=store.start, total=len(view.layers))
     with calibration_mode(model):
         if not method.needs_calibration:
             for layer in bar:
-                with onloaded(layer.module, device):
-                    reports.append(_timed(method, LayerContext(layer, device, cache_device)))
+                with store.loaded(layer):
+                    with onloaded(layer.module, device):
+                        report = _timed(method, LayerContext(layer, device, cache_device))
+                    store.done(layer, report, None)
+                reports.append(report)
             return reports
         if calib_ids is None:
             raise LLMPruneError(f"method {method.name} needs calibration data")
         batches = list(calib_ids.split(batch_size))
         with _outside_layers_onloaded(model, view.layer_list, device):
             inputs = capture_layer_inputs(model, view.layer_list, batches, device=device, cache_device=cache_device)
-        hidden = inputs.hidden
+        resumed = store.resumed_hidden()
+        hidden = inputs.hidden if resumed is None else resumed
         dense = method.propagate == "dense"
         for layer in bar:
-            with onloaded(layer.module, device):
-                ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index], inputs.kwargs[layer.index])
-                if method.stats is not None or dense:
-                    ctx.stats = ctx.observe(hessian=method.stats == "hessian", keep_outputs=dense)
-                reports.append(_timed(method, ctx))
-                hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
+            with store.loaded(layer):
+                with onloaded(layer.module, device):
+                    ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index],
+                                       inputs.kwargs[layer.index])
+                    if method.stats is not None or dense:
+                        ctx.stats = ctx.observe(hessian=method.stats == "hessian", keep_outputs=dense)
+                    report = _timed(method, ctx)
+                    hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
+                hidden = store.done(layer, report, hidden)
+            reports.append(report)
             inputs.args[layer.index], inputs.kwargs[layer.index] = [], []  # free what this layer needed
     return reports
 

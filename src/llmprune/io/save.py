@@ -50,6 +50,17 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         raise
 
 
+def install_dir(tmp: Path, dest: Path) -> None:
+    """Move the complete folder ``tmp`` to ``dest`` (beside it), replacing an existing ``dest`` only then."""
+    if dest.exists():
+        old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
+        os.replace(dest, old / "previous")
+        os.replace(tmp, dest)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
 @contextlib.contextmanager
 def staged_dir(output: str | os.PathLike[str], *, overwrite: bool) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``output``; when the block succeeds it replaces ``output``.
@@ -61,13 +72,7 @@ def staged_dir(output: str | os.PathLike[str], *, overwrite: bool) -> Iterator[P
     tmp = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.tmp-"))
     try:
         yield tmp
-        if dest.exists():
-            old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
-            os.replace(dest, old / "previous")
-            os.replace(tmp, dest)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, dest)
+        install_dir(tmp, dest)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

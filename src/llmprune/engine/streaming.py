@@ -1,0 +1,195 @@
+"""Streaming: prune a checkpoint one decoder layer at a time, from its shards to output shards, resumably.
+
+The model is built on the meta device; only the modules outside the decoder layers (embeddings,
+final norm, head) are materialised. For each layer the store loads its tensors from the source
+shards, the engine's usual step prunes it, and the store writes it into its own output shard and
+sends it back to the meta device. The activations entering the next layer are saved to disk and
+read back memory-mapped, so they do not have to stay in memory either.
+
+Everything happens in a work folder beside the output (``.NAME.partial``). After every layer an
+atomic ``progress.json`` records the layers written, their reports and a hash of the settings; a
+re-run with the same settings continues after the last recorded layer and gives bit-identical
+tensors, a re-run with other settings is refused. Only a complete result is moved to the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..errors import LLMPruneError
+from ..io.save import write_json_atomic
+from ..models.shards import INDEX_NAME, ShardReader, assign_tensors
+from ..models.view import DecoderLayer, ModelView, check_finite_weights
+from ..report import sparsity_report
+from ..sparsity.patterns import Pattern
+from .engine import LayerStore
+
+PROGRESS_NAME = "progress.json"
+OUTSIDE_SHARD = "outside.safetensors"  # renamed to the final shard names when the run completes
+_KILL_AFTER = "LLMPRUNE_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL this process once layer N is recorded
+
+
+def partial_dir(output: Path) -> Path:
+    """The work folder of a streamed run into ``output`` (beside it, so the final move is a rename)."""
+    return output.resolve().parent / f".{output.name}.partial"
+
+
+def settings_hash(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _layer_shard(index: int) -> str:
+    return f"layer-{index:05d}.safetensors"
+
+
+def _save_safetensors_atomic(tensors: dict[str, Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _save_hidden_atomic(hidden: list[Tensor], path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save([h.detach().cpu().contiguous() for h in hidden], tmp)
+    os.replace(tmp, path)
+
+
+class StreamingStore(LayerStore):
+    """Loads each decoder layer from ``reader`` before its step and writes it to ``work`` after it."""
+
+    def __init__(self, view: ModelView, reader: ShardReader, work: Path, settings: str, dtype: torch.dtype,
+                 pattern: Pattern | None) -> None:
+        self.view, self.reader, self.work, self.settings = view, reader, work, settings
+        self.dtype, self.pattern = dtype, pattern
+        self.start = 0
+        self.reports: list[dict[str, Any]] = []
+        self.sparsity_layers: list[dict[str, Any]] = []
+        self.counts = {"zeros": 0, "weights": 0, "nm_valid": True}
+        work.mkdir(parents=True, exist_ok=True)
+        progress = work / PROGRESS_NAME
+        if progress.is_file():
+            state = json.loads(progress.read_text(encoding="utf-8"))
+            if state.get("settings") != settings:
+                raise LLMPruneError(
+                    f"{work} holds an interrupted streamed run with different settings (model, recipe or "
+                    f"calibration data differ); re-run with the same settings to resume it, or delete {work} "
+                    f"to start over"
+                )
+            self.start = int(state["layers_done"])
+            self.reports = state["reports"]
+            self.sparsity_layers = state["sparsity_layers"]
+            self.counts = state["counts"]
+        self.layer_prefix = f"{view.layers_path}."
+
+    # --- the modules outside the decoder layers ------------------------------------------------
+
+    def materialize_outside(self) -> None:
+        """Load every tensor outside the decoder layers into the model; write them to the output once."""
+        keys = [k for k in self.reader.tensors if not k.startswith(self.layer_prefix)]
+        tensors = self.reader.load(keys)
+        assign_tensors(self.view.model, tensors, self.dtype)
+        self.view.model.tie_weights()
+        missing = [n for n, p in self.view.model.named_parameters() if p.is_meta and not n.startswith(self.layer_prefix)]
+        if missing:
+            raise LLMPruneError(f"{self.reader.folder}: the checkpoint lacks {missing[:5]}; it does not match its config")
+        out = self.work / OUTSIDE_SHARD
+        if not out.is_file():
+            _save_safetensors_atomic({k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}, out)
+
+    # --- LayerStore -----------------------------------------------------------------------------
+
+    def resumed_hidden(self) -> list[Tensor] | None:
+        if self.start == 0 or self.start >= len(self.view.layers):  # nothing to resume, or nothing left to run
+            return None
+        return torch.load(self.work / f"hidden-{self.start - 1:05d}.pt", mmap=True)
+
+    @contextmanager
+    def loaded(self, layer: DecoderLayer) -> Iterator[None]:
+        prefix = f"{self.layer_prefix}{layer.index}."
+        tensors = self.reader.load(self.reader.with_prefix(prefix))
+        expected = set(layer.module.state_dict())
+        got = {k[len(prefix):] for k in tensors}
+        if expected - got:
+            raise LLMPruneError(f"{self.reader.folder}: layer {layer.index} lacks {sorted(expected - got)[:5]} "
+                                f"in the checkpoint; it does not match its config")
+        assign_tensors(layer.module, {k[len(prefix):]: v for k, v in tensors.items()}, self.dtype)
+        del tensors
+        try:
+            check_finite_weights(ModelView(self.view.model, self.view.layers_path, [layer]))
+            yield
+        finally:
+            layer.module.to("meta")
+
+    def done(self, layer: DecoderLayer, report: dict[str, Any], hidden: list[Tensor] | None) -> list[Tensor] | None:
+        i = layer.index
+        prefix = f"{self.layer_prefix}{i}."
+        _save_safetensors_atomic({prefix + k: v for k, v in layer.module.state_dict().items()},
+                                 self.work / _layer_shard(i))
+        sp = sparsity_report(ModelView(self.view.model, self.view.layers_path, [layer]), self.pattern)
+        self.sparsity_layers.append(sp["layers"][0])
+        self.counts["zeros"] += sp["zeros"]
+        self.counts["weights"] += sp["weights"]
+        self.counts["nm_valid"] = self.counts["nm_valid"] and sp.get("nm_valid", True)
+        self.reports.append(report)
+        if hidden is not None:
+            _save_hidden_atomic(hidden, self.work / f"hidden-{i:05d}.pt")
+        write_json_atomic(self.work / PROGRESS_NAME, {
+            "settings": self.settings, "layers_done": i + 1, "reports": self.reports,
+            "sparsity_layers": self.sparsity_layers, "counts": self.counts,
+        })
+        (self.work / f"hidden-{i - 1:05d}.pt").unlink(missing_ok=True)
+        if os.environ.get(_KILL_AFTER) == str(i):
+            os.kill(os.getpid(), signal.SIGKILL)
+        if hidden is None:
+            return None
+        return torch.load(self.work / f"hidden-{i:05d}.pt", mmap=True)
+
+    # --- the end of the run ---------------------------------------------------------------------
+
+    def sparsity(self) -> dict[str, Any]:
+        """The same report as :func:`llmprune.report.sparsity_report` on the whole pruned model."""
+        out: dict[str, Any] = {
+            "overall": self.counts["zeros"] / self.counts["weights"],
+            "zeros": self.counts["zeros"], "weights": self.counts["weights"], "layers": self.sparsity_layers,
+        }
+        if self.pattern is not None and self.pattern.is_nm:
+            out["pattern"] = f"{self.pattern.n}:{self.pattern.m}"
+            out["nm_valid"] = self.counts["nm_valid"]
+        return out
+
+    def finish(self) -> None:
+        """Turn the work folder into a checkpoint: final shard names and an index (idempotent, so a run
+        killed here finishes on the next try). The resume record stays until :meth:`discard_progress`."""
+        from safetensors import safe_open
+
+        names = [OUTSIDE_SHARD] + [_layer_shard(i) for i in range(len(self.view.layers))]
+        weight_map: dict[str, str] = {}
+        size = 0
+        for k, name in enumerate(names, start=1):
+            final = self.work / f"model-{k:05d}-of-{len(names):05d}.safetensors"
+            if (self.work / name).is_file():
+                os.replace(self.work / name, final)
+            with safe_open(str(final), framework="pt") as fh:
+                for key in fh.keys():  # noqa: SIM118  (safe_open handles are not iterable)
+                    weight_map[key] = final.name
+            size += final.stat().st_size
+        write_json_atomic(self.work / INDEX_NAME, {"metadata": {"total_size": size},
+                                                   "weight_map": dict(sorted(weight_map.items()))})
+        for path in self.work.glob("hidden-*.pt"):
+            path.unlink()
+
+    def discard_progress(self) -> None:
+        """The run is complete in the work folder: drop the resume record before it becomes the output."""
+        (self.work / PROGRESS_NAME).unlink()
