@@ -6,6 +6,7 @@ Public API::
     result = llmprune.prune("smollm2-135m", method="wanda", sparsity=0.5, eval="wikitext2",
                             data_dir="../shared/data", output="runs/wanda50")
     llmprune.evaluate("runs/wanda50", datasets="wikitext2", data_dir="../shared/data")
+    llmprune.recover("runs/cfsp20", output="runs/cfsp20-lora", steps=100, data_dir="../shared/data")
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from .api import PruneResult, evaluate, load, prune
 from .errors import LLMPruneError
 from .methods import METHODS
 from .recipe import Recipe, load_recipe
+from .recovery import RecoveryResult, recover
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "LLMPruneError", "PruneResult", "Recipe", "evaluate", "load", "load_recipe", "prune"]
+__all__ = ["METHODS", "LLMPruneError", "PruneResult", "Recipe", "RecoveryResult", "evaluate", "load", "load_recipe",
+           "prune", "recover"]

@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,19 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         raise
 
 
-def save_run(model: Any, tokenizer: Any, report: dict[str, Any], output: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Save model (safetensors), tokenizer and report; the model reloads with plain ``from_pretrained``."""
+def save_run(model: Any, tokenizer: Any, report: dict[str, Any], output: str | os.PathLike[str], *, overwrite: bool,
+             extra: Callable[[Path], Any] | None = None) -> Path:
+    """Save model (safetensors), tokenizer and report; the model reloads with plain ``from_pretrained``.
+
+    ``extra(folder)`` may write more files into the temporary folder before it is moved into place."""
     dest = check_output_dir(output, overwrite)
     tmp = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.tmp-"))
     try:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         write_json_atomic(tmp / REPORT_NAME, report)
         if dest.exists():
             old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
