@@ -172,7 +172,7 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
                                 f"split (choose another --train-dataset, e.g. c4 or wikitext2:train)")
     device_ = pick_device(device)
     settings = {
-        "model": str(model), "model_fingerprint": _fingerprint(folder) if folder is not None else source.location,
+        "model": source.location, "model_fingerprint": _fingerprint(folder) if folder is not None else None,
         "steps": steps, "seqlen": seqlen, "batch_size": batch_size, "lr": lr, "warmup": warmup, "rank": rank,
         "alpha_per_rank": alpha_per_rank, "capacity": capacity, "importance": importance_from, "power": power,
         "max_rank": max_rank, "importance_windows": importance_windows, "train_data": train_source.key,
@@ -188,9 +188,6 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
                 f"{work} holds an interrupted recovery run with different settings (differing: {', '.join(changed)}); "
                 f"re-run with the same settings to resume it, or delete {work} to start over")
         resuming = read_checkpoint(work) is not None
-    else:
-        work.mkdir(parents=True)
-        write_json_atomic(work / "settings.json", settings)
 
     # --- load, data, capacity
     from accelerate import PartialState
@@ -234,6 +231,10 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
             imp_record = {"source": "computed", "metric": "angular", "per": "token",
                           "windows": min(importance_windows, windows.shape[0]), "values": values}
         ranks = importance_ranks(values, costs, rank, power=power, max_rank=max_rank)
+
+    if not work.exists():  # everything is checked: from here on, an interrupted run can be resumed
+        work.mkdir(parents=True)
+        write_json_atomic(work / "settings.json", settings)
 
     def evaluate_all(m: Any) -> dict[str, Any]:
         return {name: perplexity(m, ids, seqlen=eval_seqlen, windows=eval_windows, device=device_)
