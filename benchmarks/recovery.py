@@ -77,14 +77,18 @@ def main() -> None:
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         ap.error(f"unknown variants {sorted(unknown)}; known: {', '.join(VARIANTS)}")
+    # with --resume the earlier rows stay: keep every command and variant that produced rows
+    commands = result.get("commands", [result["command"]] if "command" in result else []) + [" ".join(sys.argv)]
+    known = (result.get("protocol") or {}).get("recover", {}).get("variants", {})
+    result.pop("command", None)
     result.update({
-        "benchmark": "recovery", "model": args.model, "command": " ".join(sys.argv), "versions": versions(),
+        "benchmark": "recovery", "model": args.model, "commands": commands, "versions": versions(),
         "protocol": {
             "prune": {"method": "cfsp (defaults)", "ratios_of": "MLP channels", "calib": "c4",
                       "nsamples": args.calib_nsamples, "seqlen": args.calib_seqlen, "seed": 0},
             "recover": {"steps": args.steps, "seqlen": args.seqlen, "batch_size": args.batch_size, "lr": args.lr,
                         "rank_budget": args.rank, "train_dataset": "c4", "seed": args.seed,
-                        "targets": "every decoder linear", "alpha_per_rank": 2.0, "variants": {v: VARIANTS[v] for v in variants}},
+                        "targets": "every decoder linear", "alpha_per_rank": 2.0, "variants": {**known, **{v: VARIANTS[v] for v in variants}}},
             "eval": {"dataset": "wikitext2:test", "seqlen": args.eval_seqlen, "windows": args.eval_windows},
             "dtype": "float32",
         },

@@ -193,7 +193,8 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
     from accelerate import PartialState
     from peft import LoraConfig, get_peft_model
 
-    world = PartialState().num_processes
+    state = PartialState()  # under accelerate launch / torchrun: one per process; the main one writes
+    world = state.num_processes
     t0 = time.perf_counter()
     net, tok = load_model(str(model), dtype, device)
     net.to(device_)
@@ -233,8 +234,9 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
         ranks = importance_ranks(values, costs, rank, power=power, max_rank=max_rank)
 
     if not work.exists():  # everything is checked: from here on, an interrupted run can be resumed
-        work.mkdir(parents=True)
-        write_json_atomic(work / "settings.json", settings)
+        work.mkdir(parents=True, exist_ok=True)
+        if state.is_main_process:
+            write_json_atomic(work / "settings.json", settings)
 
     def evaluate_all(m: Any) -> dict[str, Any]:
         return {name: perplexity(m, ids, seqlen=eval_seqlen, windows=eval_windows, device=device_)
@@ -250,7 +252,8 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
             t0 = time.perf_counter()
             eval_before = evaluate_all(net)
             timings["eval_before_s"] = time.perf_counter() - t0
-            write_json_atomic(before_path, eval_before)
+            if state.is_main_process:
+                write_json_atomic(before_path, eval_before)
 
     masks = weight_masks(net, [n for block in names for n in block]) if merge_mode == "mask" else None
     flat = [n for block in names for n in block]
@@ -288,7 +291,7 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
     timings["merge_eval_s"] = time.perf_counter() - t0
 
     adapter_tmp = work / "adapter-final"
-    if merge_mode == "adapter":
+    if merge_mode == "adapter" and state.is_main_process:
         shutil.rmtree(adapter_tmp, ignore_errors=True)
         final.save_pretrained(adapter_tmp)
     base = final.unload() if merge_mode == "adapter" else final
@@ -331,9 +334,12 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
         "device": str(device_),
         "versions": {**versions(), **_peft_version()},
     }
-    out = save_run(base, tok, report, dest, overwrite=overwrite,
-                   extra=(lambda tmp: shutil.copytree(adapter_tmp, tmp / ADAPTER_DIR)) if merge_mode == "adapter" else None)
-    shutil.rmtree(work, ignore_errors=True)
+    out = dest
+    if state.is_main_process:
+        out = save_run(base, tok, report, dest, overwrite=overwrite,
+                       extra=(lambda tmp: shutil.copytree(adapter_tmp, tmp / ADAPTER_DIR)) if merge_mode == "adapter" else None)
+        shutil.rmtree(work, ignore_errors=True)
+    state.wait_for_everyone()
     log.info("saved %s (resumed: %s)", out, resuming)
     if merge_mode == "adapter":
         from peft import PeftModel
