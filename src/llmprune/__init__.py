@@ -7,6 +7,7 @@ Public API::
                             data_dir="../shared/data", output="runs/wanda50")
     llmprune.evaluate("runs/wanda50", datasets="wikitext2", tasks="offline", data_dir="../shared/data")
     llmprune.sweep("smollm2-135m", values=[0.3, 0.5, 0.7], method="wanda", output="runs/sweep")
+    llmprune.recover("runs/cfsp20", output="runs/cfsp20-lora", steps=100, data_dir="../shared/data")
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from .api import PruneResult, evaluate, load, prune
 from .errors import LLMPruneError
 from .methods import METHODS
 from .recipe import Recipe, load_recipe
+from .recovery import RecoveryResult, recover
 from .sweeps import SweepResult, sweep
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
-__all__ = ["METHODS", "LLMPruneError", "PruneResult", "Recipe", "evaluate", "load", "load_recipe", "prune", "sweep", "SweepResult"]
+__all__ = ["METHODS", "LLMPruneError", "PruneResult", "Recipe", "RecoveryResult", "SweepResult", "evaluate", "load",
+           "load_recipe", "prune", "recover", "sweep"]

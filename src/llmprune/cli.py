@@ -370,6 +370,68 @@ def report(
     console.print(files)
 
 
+@app.command()
+def recover(
+    model: str = typer.Option(..., "--model", help="a pruned run folder (llmprune prune --output)"),
+    output: str = typer.Option(..., "--output", help="folder to write the recovered model into"),
+    steps: int = typer.Option(100, "--steps", help="optimizer steps"),
+    seqlen: int = typer.Option(256, "--seqlen", help="training window length in tokens"),
+    batch_size: int = typer.Option(4, "--batch-size", help="training windows per step (per process)"),
+    lr: float = typer.Option(2e-4, "--lr", help="peak learning rate (warm-up, then cosine decay to 10%)"),
+    rank: int = typer.Option(8, "--rank", help="LoRA rank R; importance capacity trains as many parameters as R everywhere"),
+    capacity: str = typer.Option("importance", "--capacity", help="importance (IG-LoRA) or uniform"),
+    importance: str = typer.Option("auto", "--importance", help="auto (saved by CFSP, else measured), saved, computed"),
+    power: float = typer.Option(1.0, "--power", help="ranks follow importance ** power (0: uniform)"),
+    max_rank: int | None = typer.Option(None, "--max-rank", help="largest rank of a block (default 2 x --rank)"),
+    train_dataset: str = typer.Option("c4", "--train-dataset", help="c4, wikitext2[:split] or a local file"),
+    data_dir: str | None = typer.Option(None, "--data-dir", help="local mirror of the datasets (or LLMPRUNE_DATA_DIR)"),
+    eval_: str = typer.Option("wikitext2", "--eval", help="perplexity datasets before/after, comma-separated ('' for none)"),
+    eval_seqlen: int = typer.Option(2048, "--eval-seqlen"),
+    eval_windows: int | None = typer.Option(None, "--eval-windows", help="evaluate only the first N windows"),
+    eval_every: int = typer.Option(0, "--eval-every", help="also evaluate every N steps (0: only before and after)"),
+    checkpoint_every: int = typer.Option(25, "--checkpoint-every", help="checkpoint every N steps (0: never)"),
+    merge: str | None = typer.Option(None, "--merge", help="merge (structured/dense default), mask (sparse default), adapter"),
+    seed: int = typer.Option(0, "--seed"),
+    dtype: str = typer.Option("float32", "--dtype"),
+    device: str = typer.Option("auto", "--device"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Recover a pruned model with LoRA (importance-guided ranks by default); resumes an interrupted run."""
+    _setup_logging(verbose)
+    from .recovery import recover as api_recover
+
+    try:
+        result = api_recover(model, output=output, steps=steps, seqlen=seqlen, batch_size=batch_size, lr=lr, rank=rank,
+                             capacity=capacity, importance=importance, power=power, max_rank=max_rank,
+                             train_dataset=train_dataset, data_dir=data_dir, eval=eval_, eval_seqlen=eval_seqlen,
+                             eval_windows=eval_windows, eval_every=eval_every, checkpoint_every=checkpoint_every,
+                             merge=merge, seed=seed, dtype=dtype, device=device, overwrite=overwrite, progress=True)
+    except LLMPruneError as exc:
+        _fail(exc)
+        return
+    rep, rec = result.report, result.report["recovery"]
+    table = Table(title=f"recovery ({rec['capacity']} LoRA) of {rep['model']}")
+    for col in ("dataset", "seqlen", "windows", "ppl before", "ppl after"):
+        table.add_column(col, justify="left" if col == "dataset" else "right")
+    for name, after in (rep.get("eval") or {}).items():
+        table.add_row(name, str(after["seqlen"]), f"{after['windows']}/{after['windows_available']}",
+                      f"{rep['eval_before'][name]['ppl']:.3f}", f"{after['ppl']:.3f}")
+    console.print(table)
+    summary = Table(show_header=False)
+    summary.add_row("ranks per block", f"{min(rec['ranks'])}..{max(rec['ranks'])} (rank {rec['rank']} uniform budget)")
+    summary.add_row("trainable params", f"{rec['trainable_params']:,} (uniform budget {rec['uniform_budget']:,})")
+    summary.add_row("steps x batch x seqlen", f"{rec['steps']} x {rec['batch_size']} x {rec['seqlen']}")
+    summary.add_row("loss (first -> last 10%)", f"{rec['loss']['mean_first_10pct']:.4f} -> {rec['loss']['mean_last_10pct']:.4f}")
+    summary.add_row("merge", rec["merge"]["mode"] + (" (zeros preserved)" if rec["merge"].get("zeros_preserved") else ""))
+    if rec["resumed_from_step"]:
+        summary.add_row("resumed from step", str(rec["resumed_from_step"]))
+    summary.add_row("train time", f"{rep['timings']['train_s']:.1f} s")
+    summary.add_row("peak RSS", f"{rep['memory']['peak_rss_mb']:.0f} MB")
+    summary.add_row("output", str(result.output))
+    console.print(summary)
+
+
 def main() -> None:
     app()
 

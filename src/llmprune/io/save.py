@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +78,17 @@ def staged_dir(output: str | os.PathLike[str], *, overwrite: bool) -> Iterator[P
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def save_run(model: Any, tokenizer: Any, report: dict[str, Any], output: str | os.PathLike[str], *, overwrite: bool) -> Path:
-    """Save model (safetensors), tokenizer and report; the model reloads with plain ``from_pretrained``."""
+def save_run(model: Any, tokenizer: Any, report: dict[str, Any], output: str | os.PathLike[str], *, overwrite: bool,
+             extra: Callable[[Path], Any] | None = None) -> Path:
+    """Save model (safetensors), tokenizer and report; the model reloads with plain ``from_pretrained``.
+
+    ``extra(folder)`` may write more files into the temporary folder before it is moved into place."""
     with staged_dir(output, overwrite=overwrite) as tmp:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if extra is not None:
+            extra(tmp)
         write_json_atomic(tmp / REPORT_NAME, report)
     return Path(output).expanduser()
 

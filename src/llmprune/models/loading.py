@@ -155,8 +155,20 @@ def load_model(name: str, dtype: str = "auto", device: str = "auto"):  # type: i
         tokenizer = AutoTokenizer.from_pretrained(location)
     except OSError as exc:
         raise LLMPruneError(f"could not load model {name!r} from {location}: {exc}") from exc
+    if source.kind == "folder" and (Path(location) / "adapter" / "adapter_config.json").is_file():
+        model = _apply_adapter(model, Path(location) / "adapter")
     model.eval()
     return model, tokenizer
+
+
+def _apply_adapter(model, adapter: Path):  # type: ignore[no-untyped-def]
+    """A run saved by ``llmprune recover --merge adapter``: the base weights plus a PEFT adapter in ``adapter/``."""
+    if importlib.util.find_spec("peft") is None:
+        raise LLMPruneError(f"{adapter.parent} holds a LoRA adapter ({adapter}); loading it needs the PEFT library: "
+                            f"pip install 'llmprune[recover]'")
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter))
 
 
 def _structure_record(folder: Path) -> dict | None:  # type: ignore[type-arg]
