@@ -174,6 +174,8 @@ def test_plots_are_pngs_of_the_expected_series(runs: dict[str, Any], full) -> No
     assert ppl_plot["dense"] == ([0.0], [reps["mag"]["eval_dense"]["heldout"]["ppl"]])
     spec = next(s for s, _ in full.plots if s.file.startswith("ppl_vs"))
     assert spec.xlabel == "achieved sparsity (structured runs: removed parameter fraction)"
+    drawn_ppl = [y for _, ys in ppl_plot.values() for y in ys]
+    assert spec.log_y == (max(drawn_ppl) > 10 * min(drawn_ppl))  # a log axis only when values span 10x
 
     # Per-layer sparsity: the unstructured runs only (structured runs remove channels, they hold no zeros).
     layers = drawn["layer_sparsity.png"]

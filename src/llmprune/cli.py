@@ -253,7 +253,7 @@ def sweep(
         _fail(exc)
         return
     table = Table(title=f"sweep of {param} ({len(result.reports)} points) -> {result.output}",
-                  caption="achieved: sparsity of the decoder linears")
+                  caption="achieved: sparsity of the decoder linears (structured: removed parameter fraction)")
     table.add_column(param.rsplit(".", 1)[-1], justify="right")
     table.add_column("achieved", justify="right")
     table.add_column("params", justify="right")
@@ -266,7 +266,9 @@ def sweep(
     table.add_column("prune s", justify="right")
     table.add_column("folder", overflow="fold")
     for rep in result.reports:
-        row = [str(rep["sweep"]["value"]), f"{rep['sparsity']['overall']:.4f}", f"{rep['params']['total']:,}"]
+        achieved = (f"{rep['structure']['params']['removed_fraction']:.4f} params" if "structure" in rep
+                    else f"{rep['sparsity']['overall']:.4f}")
+        row = [str(rep["sweep"]["value"]), achieved, f"{rep['params']['total']:,}"]
         row += [f"{rep['eval'][n]['ppl']:.3f}" for n in datasets]
         if has_zs:
             mean = rep.get("zeroshot", {}).get("mean", {}).get("acc")
@@ -274,9 +276,12 @@ def sweep(
         row += [f"{rep['timings']['prune_s']:.1f}" + (" (shared)" if rep.get("statistics_reused") else ""),
                 rep["sweep"]["folder"]]
         table.add_row(*row)
-    dense = (result.reports[0].get("eval_dense") or {}) if result.reports else {}
+    first = result.reports[0] if result.reports else {}
+    dense = [f"{n} ppl {r['ppl']:.3f}" for n, r in (first.get("eval_dense") or {}).items()]
+    if (first.get("zeroshot_dense") or {}).get("mean", {}).get("acc") is not None:
+        dense.append(f"zero-shot acc {first['zeroshot_dense']['mean']['acc']:.4f}")
     if dense:
-        table.caption += "; dense: " + ", ".join(f"{n} ppl {r['ppl']:.3f}" for n, r in dense.items())
+        table.caption += "; dense: " + ", ".join(dense)
     console.print(table)
 
 

@@ -45,6 +45,7 @@ class PlotSpec:
     ylabel: str
     series: Series  # label -> (x, y), drawn as one line each
     reference: tuple[str, ...] = ()  # labels drawn as references (dense): grey, dashed or a star
+    log_y: bool = False  # perplexity spans orders of magnitude between light and heavy pruning
 
 
 def _safe(name: str) -> str:
@@ -102,9 +103,10 @@ def _ppl_plots(runs: list[Run]) -> list[PlotSpec]:
             series["dense" if len(dense) == 1 else f"dense {model}"] = ([0.0], [ppl])
         reference = tuple(label for label in series if label not in points)
         xlabel = _sparsity_xlabel(structured)
+        ys = [y for _, yv in series.values() for y in yv]
         plots.append(PlotSpec(f"ppl_vs_sparsity_{_safe(dataset)}_{setting[1]}x{setting[2]}.png",
                               f"{ppl_header(setting)} vs sparsity", xlabel, f"{dataset} perplexity", series,
-                              reference))
+                              reference, log_y=max(ys) > 10 * min(ys) > 0))
     return plots
 
 
@@ -224,6 +226,9 @@ def render(spec: PlotSpec, path: Path) -> Series:
             else:
                 ax.plot(xs, ys, marker="o", markersize=4, label=label)
         ax.set(title=textwrap.fill(spec.title, 70), xlabel=spec.xlabel, ylabel=spec.ylabel)
+        if spec.log_y:
+            ax.set_yscale("log")
+            ax.set_ylabel(f"{spec.ylabel} (log scale)")
         if spec.xlabel == "decoder layer":
             ax.xaxis.get_major_locator().set_params(integer=True)
         ax.grid(alpha=0.3)
