@@ -9,6 +9,8 @@ import pytest
 import torch
 import transformers as tf
 
+from llmprune.models.byte_tokenizer import byte_level_tokenizer
+
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO.parent / "shared" / "data"
 
@@ -106,21 +108,13 @@ def smollm2() -> tuple[torch.nn.Module, object]:
     return load_model("smollm2-135m", "float32", "cpu")
 
 
-def byte_level_tokenizer():  # type: ignore[no-untyped-def]
-    """A real Hugging Face fast tokenizer over the 256 bytes (plus <eos>), built offline."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    # GPT-2's printable stand-ins for the 256 byte values (the ByteLevel pre-tokenizer emits these).
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    extra = [b for b in range(256) if b not in printable]
-    chars = {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(extra)}
-    vocab = {chars[b]: b for b in range(256)}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+def save_tiny(folder: Path, family: str = "llama", seed: int = 0, max_shard_size: str | None = None,
+              **overrides: object) -> Path:
+    """Save a tiny random model (vocabulary 257) with the byte-level tokenizer into ``folder``."""
+    model = tiny_model(family, seed=seed, **{"vocab_size": 257, **overrides})
+    model.save_pretrained(folder, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    byte_level_tokenizer().save_pretrained(folder)
+    return folder
 
 
 @pytest.fixture
@@ -128,10 +122,6 @@ def tiny_model_dir(tmp_path: Path):  # type: ignore[no-untyped-def]
     """Factory: save a tiny random model of a family with a byte-level tokenizer; returns the folder."""
 
     def make(family: str = "llama", seed: int = 0) -> Path:
-        folder = tmp_path / f"tiny-{family}-{seed}"
-        model = tiny_model(family, seed=seed, vocab_size=257)
-        model.save_pretrained(folder)
-        byte_level_tokenizer().save_pretrained(folder)
-        return folder
+        return save_tiny(tmp_path / f"tiny-{family}-{seed}", family, seed)
 
     return make

@@ -21,7 +21,7 @@ from llmprune.models.surgery import mlp_group
 from llmprune.models.view import model_view
 from llmprune.recovery.capacity import importance_ranks, trainable_params, uniform_ranks
 
-from .conftest import byte_level_tokenizer, tiny_model
+from .conftest import save_tiny
 
 # ------------------------------------------------------------------ capacity rule (pure)
 
@@ -86,9 +86,7 @@ def test_capacity_bad_values() -> None:
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     """A tiny Llama saved with a byte-level tokenizer, its CFSP-30% and Wanda-50% runs, and a text file."""
     root = tmp_path_factory.mktemp("recovery")
-    dense = root / "dense"
-    tiny_model("llama", seed=0, vocab_size=257).save_pretrained(dense)
-    byte_level_tokenizer().save_pretrained(dense)
+    dense = save_tiny(root / "dense")
     text = root / "train.txt"
     text.write_text(" ".join(f"sentence number {i} talks about pruning and recovering models." for i in range(300)))
     held = root / "held.txt"

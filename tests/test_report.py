@@ -21,7 +21,7 @@ from llmprune.io.save import write_json_atomic
 from llmprune.reporting import Run, build_report
 from llmprune.reporting.plots import line_labels
 
-from .conftest import byte_level_tokenizer, tiny_model
+from .conftest import save_tiny
 
 pytest.importorskip("matplotlib")
 runner = CliRunner()
@@ -33,9 +33,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Real runs on one tiny llama: a wanda sweep (2 points), magnitude, cfsp at 2 ratios, barber, and an
     ``llmprune eval --json``-style report of the dense model at another seqlen."""
     base = tmp_path_factory.mktemp("report-runs")
-    model = base / "tiny"
-    tiny_model("llama", seed=0, vocab_size=257).save_pretrained(model)
-    byte_level_tokenizer().save_pretrained(model)
+    model = save_tiny(base / "tiny")
     calib = base / "calib.txt"
     calib.write_text(" ".join(f"sentence number {i} talks about pruning models." for i in range(400)))
     heldout = base / "heldout.txt"  # a small local evaluation text: perplexity column "heldout ppl @64 x2"

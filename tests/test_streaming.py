@@ -18,17 +18,14 @@ import llmprune
 from llmprune.engine.streaming import PROGRESS_NAME, partial_dir
 from llmprune.errors import LLMPruneError
 
-from .conftest import FAMILIES, byte_level_tokenizer, tiny_model
+from .conftest import FAMILIES, byte_level_tokenizer, save_tiny, tiny_model
 
 
 def sharded_model(root: Path, family: str = "llama", layers: int = 3, shard: str = "40KB") -> Path:
     """A tiny model saved in several safetensors shards (with an index) and a byte-level tokenizer."""
-    folder = root / f"src-{family}-{layers}"
-    tiny_model(family, vocab_size=257, num_hidden_layers=layers, **(
+    return save_tiny(root / f"src-{family}-{layers}", family, num_hidden_layers=layers, max_shard_size=shard, **(
         {"layer_types": ["sliding_attention", "full_attention"] * (layers // 2) + ["sliding_attention"] * (layers % 2)}
-        if family == "gemma3" else {})).save_pretrained(folder, max_shard_size=shard)
-    byte_level_tokenizer().save_pretrained(folder)
-    return folder
+        if family == "gemma3" else {}))
 
 
 def tensors(folder: Path) -> dict[str, torch.Tensor]:

@@ -21,7 +21,7 @@ from llmprune.report import param_count
 from llmprune.sparsity import channels
 from llmprune.sparsity.allocation import REFERENCE_TOKENS, block_importance, channel_counts, keep_fractions
 
-from .conftest import FAMILIES, byte_level_tokenizer, tiny_model
+from .conftest import FAMILIES, byte_level_tokenizer, save_tiny, tiny_model
 
 STRUCTURED = ["cfsp", "magnitude-sp", "wanda-sp", "flap"]
 
@@ -393,9 +393,7 @@ def test_attention_dead_kv_group_removed_without_changing_logits(family: str, ca
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 def test_attention_pruned_checkpoint_reloads(family: str, calib_file: Path, tmp_path: Path) -> None:
-    folder = tmp_path / "dense"
-    tiny_model(family, vocab_size=257, num_key_value_heads=4).save_pretrained(folder)
-    byte_level_tokenizer().save_pretrained(folder)
+    folder = save_tiny(tmp_path / "dense", family, num_key_value_heads=4)
     for uniform in (False, True):
         out = tmp_path / f"out-{uniform}"
         result = llmprune.prune(str(folder), method="cfsp", sparsity=0.25, calib_dataset=str(calib_file), nsamples=4,
