@@ -13,7 +13,7 @@ import torch
 from pydantic import ValidationError
 
 from .data.sources import TextSource, resolve, resolve_data_dir
-from .data.tokens import calibration_windows, evaluation_tokens, token_hash
+from .data.tokens import calibration_windows, evaluation_sets, token_hash
 from .engine.engine import run_layerwise
 from .engine.streaming import StreamingStore, partial_dir, settings_hash
 from .errors import LLMPruneError
@@ -31,7 +31,7 @@ from .models.loading import (
 )
 from .models.shards import ShardReader, empty_model, tensor_bytes
 from .models.view import ModelView, check_finite_weights, check_not_tied, model_view
-from .recipe import Recipe, build_recipe
+from .recipe import Recipe, build_recipe, comma_list
 from .report import param_count, peak_rss_mb, sparsity_report, versions
 from .sparsity.patterns import Pattern, parse_pattern
 
@@ -82,7 +82,7 @@ def fields_from_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     fields = {FIELD_NAMES[k]: v for k, v in kwargs.items() if k in FIELD_NAMES}
     for key in ("eval.datasets", "eval.tasks"):
         if isinstance(fields.get(key), str):
-            fields[key] = [d.strip() for d in fields[key].split(",") if d.strip()]
+            fields[key] = comma_list(fields[key])
     if isinstance(fields.get("model.stream"), bool):
         fields["model.stream"] = "on" if fields["model.stream"] else "off"
     for key, value in (kwargs.get("method_options") or {}).items():
@@ -132,10 +132,6 @@ def _zeroshot(model: Any, tok: Any, tasks: PreparedTasks, recipe: Recipe, device
     ev = recipe.eval
     return run_zeroshot(model, tok, tasks, num_fewshot=ev.num_fewshot, limit=ev.limit, batch_size=ev.batch_size,
                         seed=recipe.calib.seed, device=device)
-
-
-def _tokens_by_name(tok: Any, sources: list[TextSource]) -> dict[str, torch.Tensor]:
-    return {src.name if src.name != "file" else Path(src.path).stem: evaluation_tokens(tok, src) for src in sources}
 
 
 @dataclass
@@ -259,11 +255,16 @@ def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.
 _STREAM_MEMORY_FRACTION = 0.5  # stream=auto streams a checkpoint larger than this share of available memory
 
 
+def _layer_local(cls: type[Method]) -> bool:
+    """Whether a method is done with each layer once the engine leaves it (what streaming needs)."""
+    return not cls.structured and cls.propagate == "pruned" and cls.finalize is Method.finalize
+
+
 def _stream_unsupported(plan: _Plan) -> list[str]:
     """Why this run cannot be streamed (empty: it can)."""
     rec, method = plan.recipe, plan.method
     reasons = []
-    if method.structured or method.propagate != "pruned" or type(method).finalize is not Method.finalize:
+    if not _layer_local(type(method)):
         reasons.append(f"method {method.name} needs all layers before it removes anything (streaming supports the "
                        f"layer-local methods {', '.join(streamable_methods())})")
     if rec.eval.datasets or rec.eval.tasks:
@@ -275,8 +276,7 @@ def _stream_unsupported(plan: _Plan) -> list[str]:
 
 
 def streamable_methods() -> list[str]:
-    return [name for name in METHODS.names() if not METHODS.get(name).structured
-            and METHODS.get(name).propagate == "pruned" and METHODS.get(name).finalize is Method.finalize]
+    return [name for name in METHODS.names() if _layer_local(METHODS.get(name))]
 
 
 def _stream_source(plan: _Plan) -> Path | None:
@@ -400,7 +400,9 @@ def _base_recipe(recipe: Recipe | str | Path | dict[str, Any] | None) -> dict[st
     return {}
 
 
-def _load_checked(rec: Recipe, plan: _Plan, model: Any, tokenizer: Any) -> tuple[Any, Any, ModelView, float]:
+def _load_checked(plan: _Plan, model: Any, tokenizer: Any) -> tuple[Any, Any, ModelView, float]:
+    """Load (or take) the model and run every check that needs it."""
+    rec = plan.recipe
     t0 = time.perf_counter()
     if model is not None and not isinstance(model, (str, Path)):
         net, tok = model, tokenizer
@@ -440,12 +442,12 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
         raise LLMPruneError("--stream reads a checkpoint from disk; pass a model name or folder, not a loaded model")
     if stream_from is not None:
         return _prune_streamed(plan, stream_from, progress, t_start)
-    net, tok, view, load_s = _load_checked(rec, plan, model if in_memory else None, tokenizer)
+    net, tok, view, load_s = _load_checked(plan, model if in_memory else None, tokenizer)
     t0 = time.perf_counter()
     calib_ids = None
     if plan.calib_source is not None:
         calib_ids = calibration_windows(tok, plan.calib_source, rec.calib.nsamples, rec.calib.seqlen, rec.calib.seed)
-    eval_tokens = _tokens_by_name(tok, plan.eval_sources)
+    eval_tokens = evaluation_sets(tok, plan.eval_sources)
     data_s = time.perf_counter() - t0
     dense = _dense_evaluation(plan, net, tok, eval_tokens, progress)
     return _execute(plan, net, tok, view, calib_ids, eval_tokens, {"load_s": load_s, "data_s": data_s}, dense,
@@ -460,8 +462,7 @@ def evaluate(model: Any, *, tokenizer: Any = None, datasets: str | list[str] | N
     """Perplexity on ``datasets`` and zero-shot accuracy on lm-eval ``tasks`` of a model (name,
     folder or in-memory model); returns a report dict. With neither, WikiText-2 perplexity."""
     fields: dict[str, Any] = {
-        "eval.datasets": [d.strip() for d in datasets.split(",") if d.strip()] if isinstance(datasets, str) else list(datasets or []),
-        "eval.tasks": [t.strip() for t in tasks.split(",") if t.strip()] if isinstance(tasks, str) else list(tasks or []),
+        "eval.datasets": comma_list(datasets), "eval.tasks": comma_list(tasks),
         "eval.seqlen": seqlen, "eval.windows": windows, "eval.limit": limit, "eval.num_fewshot": num_fewshot,
         "eval.batch_size": batch_size, "eval.include_path": include_path, "calib.seed": seed, "data_dir": data_dir,
         "model.dtype": dtype, "model.device": device,
@@ -486,7 +487,7 @@ def evaluate(model: Any, *, tokenizer: Any = None, datasets: str | list[str] | N
     timings: dict[str, float] = {}
     if sources:
         t0 = time.perf_counter()
-        out["eval"] = _evaluate_all(net, _tokens_by_name(tok, sources), rec, dev, progress, "eval")
+        out["eval"] = _evaluate_all(net, evaluation_sets(tok, sources), rec, dev, progress, "eval")
         out["evaluation_data"] = {s.name: s.describe() for s in sources}
         timings["eval_s"] = time.perf_counter() - t0
     if prepared is not None:

@@ -78,6 +78,12 @@ class Recipe(_Strict):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
+def comma_list(value: str | list[str] | tuple[str, ...] | None) -> list[str]:
+    """``"a, b,"`` or ``["a", "b"]`` -> ``["a", "b"]`` (how names are given on the command line or in Python)."""
+    items = value.split(",") if isinstance(value, str) else list(value or [])
+    return [str(item).strip() for item in items if str(item).strip()]
+
+
 def set_path(data: dict[str, Any], dotted: str, value: Any) -> None:
     keys = dotted.split(".")
     node = data

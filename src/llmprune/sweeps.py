@@ -38,10 +38,9 @@ from .api import (
     _execute,
     _load_checked,
     _plan,
-    _tokens_by_name,
     fields_from_kwargs,
 )
-from .data.tokens import calibration_windows
+from .data.tokens import calibration_windows, evaluation_sets
 from .errors import LLMPruneError
 from .io.save import REPORT_NAME, SWEEP_NAME, read_report, staged_dir, write_json_atomic
 from .recipe import build_recipe
@@ -161,7 +160,7 @@ def _run_points(plans: list[tuple[Any, str, Any]], work: Path, done: set[str], s
         rec = plan.recipe
         t_point = time.perf_counter()
         source = copy.deepcopy(model) if model is not None else None  # the caller's model stays dense
-        net, tok, view, load_s = _load_checked(rec, plan, source, tokenizer)
+        net, tok, view, load_s = _load_checked(plan, source, tokenizer)
         t0 = time.perf_counter()
         calib_key = (plan.calib_source.key if plan.calib_source else None, rec.calib.nsamples,
                      rec.calib.seqlen, rec.calib.seed)
@@ -169,7 +168,7 @@ def _run_points(plans: list[tuple[Any, str, Any]], work: Path, done: set[str], s
             calib_cache[calib_key] = calibration_windows(tok, plan.calib_source, rec.calib.nsamples,
                                                          rec.calib.seqlen, rec.calib.seed)
         if eval_tokens is None or parameter == "eval.datasets":
-            eval_tokens = _tokens_by_name(tok, plan.eval_sources)
+            eval_tokens = evaluation_sets(tok, plan.eval_sources)
         data_s = time.perf_counter() - t0
         if dense is None:
             dense = _dense_evaluation(plan, net, tok, eval_tokens, progress)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import random
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -78,3 +79,9 @@ def evaluation_tokens(tokenizer: Any, source: TextSource, max_tokens: int | None
     if max_tokens is not None:
         ids = ids[:max_tokens]
     return torch.tensor(ids, dtype=torch.long)
+
+
+def evaluation_sets(tokenizer: Any, sources: list[TextSource]) -> dict[str, Tensor]:
+    """Evaluation token streams keyed by the name reports use: the dataset's, or a local file's stem."""
+    return {src.name if src.name != "file" else Path(src.path).stem: evaluation_tokens(tokenizer, src)
+            for src in sources}

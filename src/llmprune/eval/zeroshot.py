@@ -42,6 +42,8 @@ from unittest import mock
 import torch
 
 from ..errors import LLMPruneError
+from ..recipe import comma_list
+from ..report import versions
 
 log = logging.getLogger(__name__)
 
@@ -58,11 +60,8 @@ def parse_tasks(tasks: str | list[str] | tuple[str, ...] | None) -> list[str]:
     """Task names from a comma-separated string or a list; ``paper`` and ``offline`` expand."""
     if tasks is None:
         return list(PAPER_TASKS)
-    items = [t.strip() for t in tasks.split(",")] if isinstance(tasks, str) else [str(t).strip() for t in tasks]
     out: list[str] = []
-    for item in items:
-        if not item:
-            continue
+    for item in comma_list(tasks):
         for name in ALIASES.get(item, (item,)):
             if name not in out:
                 out.append(name)
@@ -306,15 +305,6 @@ def run_zeroshot(model: Any, tokenizer: Any, prepared: PreparedTasks, *, num_few
                  "acc_norm": sum(norms) / len(norms) if norms else None,
                  "tasks": len(tasks)},
         "settings": {"num_fewshot": num_fewshot, "limit": limit, "batch_size": batch_size, "seed": seed},
-        "versions": {"lm_eval": str(results.get("lm_eval_version", "")) or _lm_eval_version()},
+        "versions": {"lm_eval": str(results.get("lm_eval_version") or versions().get("lm_eval", "unknown"))},
         "seconds": round(time.perf_counter() - t0, 3),
     }
-
-
-def _lm_eval_version() -> str:
-    import importlib.metadata as md
-
-    try:
-        return md.version("lm_eval")
-    except md.PackageNotFoundError:
-        return "unknown"

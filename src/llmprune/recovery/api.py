@@ -34,12 +34,13 @@ from typing import Any
 import torch
 
 from ..data.sources import resolve, resolve_data_dir
-from ..data.tokens import calibration_windows, evaluation_tokens, token_hash
+from ..data.tokens import calibration_windows, evaluation_sets, token_hash
 from ..errors import LLMPruneError
 from ..eval.perplexity import perplexity
 from ..io.save import REPORT_NAME, check_output_dir, read_report, save_run, write_json_atomic
 from ..models.loading import load_model, pick_device, resolve_source
 from ..models.view import model_view
+from ..recipe import comma_list
 from ..report import param_count, peak_rss_mb, sparsity_report, versions
 from .capacity import importance_ranks, trainable_params, uniform_ranks
 from .merge import ADAPTER_DIR, MERGE_MODES, merge_adapter, weight_masks
@@ -164,8 +165,7 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
     dest = check_output_dir(output, overwrite)
     resolve_data_dir(data_dir)
     train_source = resolve(train_dataset, "calibration", data_dir)
-    eval_names = [d.strip() for d in eval.split(",") if d.strip()] if isinstance(eval, str) else list(eval or [])
-    eval_sources = [resolve(d, "evaluation", data_dir) for d in eval_names]
+    eval_sources = [resolve(d, "evaluation", data_dir) for d in comma_list(eval)]
     for src in eval_sources:
         if src.key == train_source.key:
             raise LLMPruneError(f"training and evaluation would both read {src.key}; never train on the evaluated "
@@ -210,7 +210,7 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
 
     t0 = time.perf_counter()
     windows = calibration_windows(tok, train_source, steps * batch_size * world, seqlen, seed)
-    eval_tokens = {s.name if s.name != "file" else Path(s.path).stem: evaluation_tokens(tok, s) for s in eval_sources}
+    eval_tokens = evaluation_sets(tok, eval_sources)
     data_s = time.perf_counter() - t0
 
     costs = block_costs(view)
@@ -332,7 +332,7 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
         "device": str(device_),
-        "versions": {**versions(), **_peft_version()},
+        "versions": versions(),
     }
     out = dest
     if state.is_main_process:
@@ -354,12 +354,3 @@ def require_peft() -> None:
     if importlib.util.find_spec("peft") is None:
         raise LLMPruneError("recovery needs the PEFT library, which is not installed; install it with: "
                             "pip install 'llmprune[recover]' (or pip install 'peft>=0.21')")
-
-
-def _peft_version() -> dict[str, str]:
-    import importlib.metadata as md
-
-    try:
-        return {"peft": md.version("peft")}
-    except md.PackageNotFoundError:
-        return {}
