@@ -133,15 +133,16 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
             plan = _plan(rec, tasks=tasks, check_output=False)
             tasks = plan.tasks
             plans.append((value, folder, plan))
-        reports = _run_points(plans, work, done, settings, parameter, model if in_memory else None, tokenizer,
-                              save_models, progress)
-    index = json.loads((dest / SWEEP_NAME).read_text(encoding="utf-8"))
-    return SweepResult(dest, index["points"], reports)
+        points, reports = _run_points(plans, work, done, settings, parameter, model if in_memory else None,
+                                      tokenizer, save_models, progress)
+    return SweepResult(dest, points, reports)
 
 
 def _run_points(plans: list[tuple[Any, str, Any]], work: Path, done: set[str], settings: dict[str, Any],
-                parameter: str, model: Any, tokenizer: Any, save_models: bool, progress: bool) -> list[dict[str, Any]]:
-    """Run the pending points into ``work``; ``model`` is the in-memory dense model (None: load by name)."""
+                parameter: str, model: Any, tokenizer: Any, save_models: bool,
+                progress: bool) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Run the pending points into ``work``; ``model`` is the in-memory dense model (None: load by name).
+    Returns the index's points and the reports of every point."""
     work.mkdir(parents=True, exist_ok=True)
     points = [{"value": v, "folder": f, "status": "done" if f in done else "pending"} for v, f, _ in plans]
     reports: list[dict[str, Any]] = [read_report(work / f) for _, f, _ in plans if f in done]
@@ -189,4 +190,4 @@ def _run_points(plans: list[tuple[Any, str, Any]], work: Path, done: set[str], s
     write_index(True)
     order = {f: k for k, (_, f, _) in enumerate(plans)}
     reports.sort(key=lambda r: order.get(r.get("sweep", {}).get("folder"), 0))
-    return reports
+    return points, reports
