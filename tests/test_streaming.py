@@ -73,7 +73,8 @@ def test_streamed_equals_in_memory_every_family(family: str, calib_file: Path, t
 
 
 @pytest.mark.parametrize(("method", "kw"), [("magnitude", {}), ("sparsegpt", {"pattern": "2:4", "sparsity": None}),
-                                            ("barber", {})])
+                                            ("barber", {}), ("wanda", {"method_options": {"sequential": "linear"}}),
+                                            ("sparsegpt", {"method_options": {"sequential": "linear"}})])
 def test_streamed_equals_in_memory_methods(method: str, kw: dict, calib_file: Path, tmp_path: Path) -> None:
     src = sharded_model(tmp_path, "qwen2")
     args = prune_args(calib_file, method=method, **kw)

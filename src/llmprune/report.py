@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from .models.view import ModelView
+from .sparsity.bits import count_zeros, nonzero
 from .sparsity.patterns import Pattern
 
 
@@ -24,7 +25,7 @@ def sparsity_report(view: ModelView, pattern: Pattern | None = None) -> dict[str
         lz = ln = 0
         for name, linear in layer.linears.items():
             weight = linear.weight.detach()
-            zeros = int((weight == 0).sum().item())
+            zeros = count_zeros(weight)
             per_linear[name] = round(zeros / weight.numel(), 6)
             lz += zeros
             ln += weight.numel()
@@ -33,8 +34,8 @@ def sparsity_report(view: ModelView, pattern: Pattern | None = None) -> dict[str
                 if weight.shape[1] % pattern.m:
                     nm_valid = False
                 else:
-                    nonzero = (weight != 0).reshape(weight.shape[0], -1, pattern.m).sum(-1)
-                    nm_valid = nm_valid and bool((nonzero <= pattern.n).all())
+                    kept = nonzero(weight).reshape(weight.shape[0], -1, pattern.m).sum(-1)
+                    nm_valid = nm_valid and bool((kept <= pattern.n).all())
         layers.append({"layer": layer.index, "sparsity": round(lz / ln, 6), "linears": per_linear})
         zeros_total += lz
         numel_total += ln

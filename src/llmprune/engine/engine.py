@@ -138,33 +138,55 @@ class LayerContext:
             handle.remove()
         return records
 
-    def observe(self, hessian: bool, keep_outputs: bool = False) -> dict[str, InputStats]:
+    def observe(
+        self,
+        hessian: bool,
+        keep_outputs: bool = False,
+        prune_now: Callable[[str, nn.Linear, InputStats], None] | None = None,
+    ) -> dict[str, InputStats]:
         """Run the layer once with input statistics collected for every linear.
 
         Linears that receive the very same input tensor (q/k/v, gate/up) share one statistics
         object, so X^T X is computed once per distinct input. With ``keep_outputs`` the layer's
-        outputs of this same pass are kept in ``self.outputs`` (on ``cache_device``).
+        outputs of this same pass are kept in ``self.outputs`` (on ``cache_device``); without it
+        the forward of each batch stops as soon as every linear has seen its input (Wanda's
+        statistics pass then skips the layer's last matmul, the MLP down projection).
+
+        ``prune_now`` (one batch only: all calibration windows in one forward) is called with each
+        linear and its finished statistics before that linear's own forward runs, so it can prune
+        it in place: later linears of the layer then see inputs computed by the pruned ones
+        ("true sequential" calibration), and the pass's outputs, kept in ``self.outputs``, are
+        the pruned layer's outputs.
         """
+        if prune_now is not None and self.num_batches != 1:
+            raise ValueError("observe(prune_now=...) needs all calibration windows in one batch")
+        keep_outputs = keep_outputs or prune_now is not None
         stats: dict[str, InputStats] = {}
         source_of: dict[str, str] = {}
         live: dict[int, str] = {}  # id(input tensor) -> linear that accumulates it, within one batch
         keep_alive: list[Tensor] = []
+        seen: set[str] = set()  # linears that saw their input in this batch
 
         def make_hook(name: str, linear: nn.Linear) -> Callable[..., None]:
             def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0]
-                if name in source_of:
-                    return
                 owner = live.get(id(x))
-                if owner is not None and owner != name:
+                if name in source_of:
+                    pass
+                elif owner is not None and owner != name:
                     source_of[name] = owner
                     stats[name] = stats[owner]
-                    return
-                if name not in stats:
-                    stats[name] = InputStats(linear.in_features, hessian=hessian, device=self.device)
-                stats[name].update(x)
-                live[id(x)] = name
-                keep_alive.append(x)
+                else:
+                    if name not in stats:
+                        stats[name] = InputStats(linear.in_features, hessian=hessian, device=self.device)
+                    stats[name].update(x)
+                    live[id(x)] = name
+                    keep_alive.append(x)
+                seen.add(name)
+                if prune_now is not None:
+                    prune_now(name, linear, stats[name])
+                if not keep_outputs and len(seen) == len(self.layer.linears):
+                    raise _Captured  # every statistic of this batch is in; the rest of the forward is not needed
 
             return hook
 
@@ -174,12 +196,14 @@ class LayerContext:
         outputs: list[Tensor] = []
         try:
             for b in range(self.num_batches):
-                out = self.run_batch(b)
-                if keep_outputs:
-                    self._check_finite(out)
-                    outputs.append(out.to(self.cache_device))
+                with suppress(_Captured):
+                    out = self.run_batch(b)
+                    if keep_outputs:
+                        self._check_finite(out)
+                        outputs.append(out.to(self.cache_device))
                 live.clear()
                 keep_alive.clear()
+                seen.clear()
         finally:
             for handle in handles:
                 handle.remove()
@@ -265,7 +289,10 @@ def run_layerwise(
             return reports
         if calib_ids is None:
             raise LLMPruneError(f"method {method.name} needs calibration data")
-        batches = list(calib_ids.split(batch_size))
+        # sequential="linear" prunes each linear inside the one forward of its layer, which needs
+        # every calibration window in that forward: one batch, whatever batch_size says.
+        linear_sequential = method.sequential == "linear"
+        batches = [calib_ids] if linear_sequential else list(calib_ids.split(batch_size))
         with _outside_layers_onloaded(model, view.layer_list, device):
             inputs = capture_layer_inputs(model, view.layer_list, batches, device=device, cache_device=cache_device)
         resumed = store.resumed_hidden()
@@ -276,9 +303,12 @@ def run_layerwise(
                 with onloaded(layer.module, device):
                     ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index],
                                        inputs.kwargs[layer.index])
-                    if method.stats is not None or dense:
-                        ctx.stats = ctx.observe(hessian=method.stats == "hessian", keep_outputs=dense)
-                    report = _timed(method, ctx)
+                    if linear_sequential:
+                        report = _timed_linear_sequential(method, ctx)
+                    else:
+                        if method.stats is not None or dense:
+                            ctx.stats = ctx.observe(hessian=method.stats == "hessian", keep_outputs=dense)
+                        report = _timed(method, ctx)
                     hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
                 hidden = store.done(layer, report, hidden)
             reports.append(report)
@@ -291,4 +321,19 @@ def _timed(method: Method, ctx: LayerContext) -> dict[str, Any]:
     report = method.prune_layer(ctx)
     report = {"layer": ctx.layer.index, **report, "time_s": round(time.perf_counter() - start, 4)}
     log.debug("layer %d pruned: %s", ctx.layer.index, report)
+    return report
+
+
+def _timed_linear_sequential(method: Method, ctx: LayerContext) -> dict[str, Any]:
+    """Observe and prune in one forward (``sequential="linear"``); the report has prune_layer's shape."""
+    start = time.perf_counter()
+    sparsity: dict[str, float] = {}
+
+    def prune_now(name: str, linear: nn.Linear, stats: InputStats) -> None:
+        sparsity[name] = method.prune_linear(name, linear, stats)
+
+    ctx.stats = ctx.observe(hessian=method.stats == "hessian", prune_now=prune_now)
+    report = {"layer": ctx.layer.index, "sparsity": {name: sparsity[name] for name in ctx.layer.linears},
+              "time_s": round(time.perf_counter() - start, 4)}
+    log.debug("layer %d pruned (sequential=linear): %s", ctx.layer.index, report)
     return report

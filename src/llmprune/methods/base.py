@@ -2,25 +2,38 @@
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
+from abc import ABC
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
 from ..models.view import ModelView
 from ..registry import Registry
+from ..sparsity.bits import count_zeros, zero_where_
 from ..sparsity.patterns import Pattern
 
 if TYPE_CHECKING:
     from ..engine.engine import LayerContext
+    from ..engine.observers import InputStats
 
 
 class MethodOptions(BaseModel):
     """Options of a method; unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SequentialOptions(MethodOptions):
+    """Options of the methods that prune each linear on its own from its input statistics."""
+
+    sequential: Literal["layer", "linear"] = Field(
+        "layer",
+        description="layer = every linear of a decoder layer is calibrated on the dense layer's activations "
+        "(the papers' protocol: two forwards per layer); linear = each linear is pruned as soon as its input "
+        "was seen, so later linears of the layer see the already pruned ones ('true sequential'), in one "
+        "forward per layer with all calibration windows in one batch",
+    )
 
 
 class Method(ABC):
@@ -44,9 +57,23 @@ class Method(ABC):
             for name, linear in layer.linears.items():
                 self.pattern.check_width(linear.in_features, f"layer {layer.index} {name}")
 
-    @abstractmethod
+    @property
+    def sequential(self) -> Literal["layer", "linear"]:
+        """How the engine calibrates the linears of one layer (see :class:`SequentialOptions`)."""
+        return getattr(self.options, "sequential", "layer")
+
     def prune_layer(self, ctx: LayerContext) -> dict[str, Any]:
-        """Prune the linears of ``ctx.layer`` in place and return a JSON-friendly report."""
+        """Prune the linears of ``ctx.layer`` in place and return a JSON-friendly report.
+
+        The default prunes each linear on its own with :meth:`prune_linear`; methods that look at
+        a layer as a whole (structured, Barber) override this instead.
+        """
+        return {"sparsity": {name: self.prune_linear(name, linear, ctx.stats.get(name))
+                             for name, linear in ctx.layer.linears.items()}}
+
+    def prune_linear(self, name: str, linear: nn.Linear, stats: InputStats | None) -> float:
+        """Prune one linear in place from its input statistics; return its fraction of zeros."""
+        raise NotImplementedError(f"method {self.name} prunes whole layers (prune_layer), not single linears")
 
     def share_statistics(self, other: Method) -> bool:
         """Take over the calibration statistics of ``other`` (a method that ran on the same model
@@ -63,9 +90,8 @@ METHODS: Registry[type[Method]] = Registry("method")
 
 def apply_prune_mask_(linear: nn.Linear, prune_mask: Tensor) -> None:
     """Zero the weights where ``prune_mask`` is True, in place."""
-    with torch.no_grad():
-        linear.weight.masked_fill_(prune_mask.to(linear.weight.device), 0.0)
+    zero_where_(linear.weight, prune_mask)
 
 
 def zero_fraction(linear: nn.Linear) -> float:
-    return float((linear.weight == 0).sum().item()) / linear.weight.numel()
+    return count_zeros(linear.weight) / linear.weight.numel()

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from torch import nn
+
 from ..sparsity.scores import magnitude
 from ..sparsity.select import prune_mask
 from .base import METHODS, Method, MethodOptions, apply_prune_mask_, zero_fraction
@@ -21,9 +23,6 @@ class Magnitude(Method):
     needs_calibration = False
     stats = None
 
-    def prune_layer(self, ctx: Any) -> dict[str, Any]:
-        out = {}
-        for name, linear in ctx.layer.linears.items():
-            apply_prune_mask_(linear, prune_mask(magnitude(linear.weight), self.pattern))
-            out[name] = zero_fraction(linear)
-        return {"sparsity": out}
+    def prune_linear(self, name: str, linear: nn.Linear, stats: Any) -> float:
+        apply_prune_mask_(linear, prune_mask(magnitude(linear.weight), self.pattern))
+        return zero_fraction(linear)

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from torch import nn
+
 from ..sparsity.scores import wanda
 from ..sparsity.select import prune_mask
-from .base import METHODS, Method, MethodOptions, apply_prune_mask_, zero_fraction
+from .base import METHODS, Method, SequentialOptions, apply_prune_mask_, zero_fraction
 
 
-class WandaOptions(MethodOptions):
+class WandaOptions(SequentialOptions):
     scope: Literal["row", "matrix"] = "row"
 
 
@@ -20,10 +22,6 @@ class Wanda(Method):
     Options = WandaOptions
     stats = "sq_norm"
 
-    def prune_layer(self, ctx: Any) -> dict[str, Any]:
-        out = {}
-        for name, linear in ctx.layer.linears.items():
-            scores = wanda(linear.weight, ctx.stats[name].sq_norm)
-            apply_prune_mask_(linear, prune_mask(scores, self.pattern))
-            out[name] = zero_fraction(linear)
-        return {"sparsity": out}
+    def prune_linear(self, name: str, linear: nn.Linear, stats: Any) -> float:
+        apply_prune_mask_(linear, prune_mask(wanda(linear.weight, stats.sq_norm), self.pattern))
+        return zero_fraction(linear)

@@ -6,36 +6,65 @@ number of pruned weights in each group is always what the pattern says, never "<
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from .patterns import Pattern
 
 
+def _kth_smallest(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """The ``k``-th smallest value (1-based) of each row of a float32 matrix, shape (rows, 1), and
+    which rows hold another entry equal to it (rows, bool): only those need a tie-break.
+
+    On the CPU this is NumPy's introselect (``np.partition``), measured ~5x faster than
+    ``torch.kthvalue`` (and ``topk``) on 4096 x 11008 rows on this project's 2-core machines; the
+    partition also answers the tie question cheaply (the largest entry left of the k-th, the
+    smallest right of it). Elsewhere ``torch.kthvalue``. Both are exact selections.
+    """
+    if scores.device.type != "cpu":
+        threshold = torch.kthvalue(scores, k, dim=-1, keepdim=True).values
+        return threshold, torch.count_nonzero(scores == threshold, dim=-1) > 1
+    part = np.partition(scores.detach().contiguous().numpy(), k - 1, axis=-1)
+    kth = part[:, k - 1]
+    tied = np.zeros(kth.shape, dtype=bool)
+    if k > 1:
+        tied |= part[:, : k - 1].max(axis=-1) == kth
+    if k < part.shape[1]:
+        tied |= part[:, k:].min(axis=-1) == kth
+    return torch.from_numpy(np.ascontiguousarray(kth)).unsqueeze(-1), torch.from_numpy(tied)
+
+
+def _prune_lowest(scores: Tensor, count: int) -> Tensor:
+    """The ``count`` lowest entries of each row of ``scores`` (ties: lower index first, as a stable sort)."""
+    threshold, tied_rows = _kth_smallest(scores, count)
+    mask = scores <= threshold  # exact wherever the k-th value is unique in its row
+    rows = tied_rows.nonzero().flatten().to(scores.device)
+    if rows.numel():
+        sub, thr = scores[rows], threshold[rows].to(scores.device)
+        below = sub < thr
+        tied = sub == thr
+        tied &= tied.cumsum(-1) <= count - below.sum(-1, keepdim=True)
+        mask[rows] = below | tied
+    return mask
+
+
 def prune_lowest_per_row(scores: Tensor, count_per_row: int) -> Tensor:
     """Prune the ``count_per_row`` lowest-scoring entries of every row. scores: (rows, cols).
 
-    The same mask as a stable sort (ties at the threshold: lower index pruned first), found with
-    ``topk`` (a partial selection, ~5x faster than sorting 7B-sized rows on a CPU).
+    The same mask as a stable sort (ties at the threshold: lower index pruned first), found with a
+    partial selection of the threshold; only rows with ties at their threshold are sorted out.
     """
     if count_per_row <= 0:
         return torch.zeros_like(scores, dtype=torch.bool)
-    threshold = torch.topk(scores, count_per_row, dim=-1, largest=False, sorted=False).values.amax(-1, keepdim=True)
-    mask = scores < threshold
-    need = count_per_row - mask.sum(-1, keepdim=True)  # how many of the entries equal to the threshold to prune
-    tied = scores == threshold
-    if bool((tied.sum(-1, keepdim=True) != need).any()):
-        tied &= tied.cumsum(-1) <= need
-    return mask | tied
+    return _prune_lowest(scores.float(), count_per_row)
 
 
 def prune_lowest_overall(scores: Tensor, count: int) -> Tensor:
-    """Prune the ``count`` lowest-scoring entries of the whole tensor."""
-    flat = torch.zeros(scores.numel(), dtype=torch.bool, device=scores.device)
-    if count > 0:
-        order = torch.sort(scores.flatten(), stable=True).indices[:count]
-        flat[order] = True
-    return flat.view_as(scores)
+    """Prune the ``count`` lowest-scoring entries of the whole tensor (ties: lower flat index first)."""
+    if count <= 0:
+        return torch.zeros_like(scores, dtype=torch.bool)
+    return _prune_lowest(scores.float().reshape(1, -1), count).view_as(scores)
 
 
 def prune_mask_n_of_m(scores: Tensor, n: int, m: int) -> Tensor:
