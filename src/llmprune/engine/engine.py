@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..errors import LLMPruneError
 from ..models.view import DecoderLayer, ModelView
+from ..sparsity.bits import all_finite
 from .capture import capture_layer_inputs, move_to
 from .context import calibration_mode
 from .observers import InputStats
@@ -104,7 +105,7 @@ class LayerContext:
         return outputs
 
     def _check_finite(self, out: Tensor) -> None:
-        if not torch.isfinite(out).all():
+        if not all_finite(out):
             raise LLMPruneError(
                 f"NaN or inf in the output activations of decoder layer {self.layer.index}; "
                 f"the model overflows in this dtype (try --set model.dtype=float32)"

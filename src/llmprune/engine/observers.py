@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from ..sparsity.bits import all_finite
+
 STATS_DTYPE = torch.float32
 
 
@@ -46,7 +48,7 @@ class InputStats:
 
     def update(self, x: Tensor) -> None:
         x = x.detach().reshape(-1, self.in_features).to(STATS_DTYPE)
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             self.nonfinite = True
             return
         self.tokens += x.shape[0]

@@ -16,10 +16,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from ..errors import LLMPruneError
+from ..sparsity.bits import all_finite
 from .roles import Role, role_of
 
 
@@ -151,7 +151,7 @@ def check_not_tied(view: ModelView) -> None:
 def check_finite_weights(view: ModelView) -> None:
     for layer in view.layers:
         for name, lin in layer.linears.items():
-            if not torch.isfinite(lin.weight).all():
+            if not all_finite(lin.weight):
                 raise LLMPruneError(
                     f"layer {layer.index} {name} has NaN or inf weights; the checkpoint is corrupt or was "
                     f"loaded in a dtype too small for it (try --set model.dtype=float32)"

@@ -1,4 +1,4 @@
-"""Counting and writing zeros in weight matrices, fast on the CPU.
+"""Counting and writing zeros in weight matrices, and checking tensors for NaN/inf, fast on the CPU.
 
 PyTorch's elementwise kernels for bfloat16/float16 comparisons and ``masked_fill_`` are slow on
 CPUs (measured on a 4096 x 11008 bf16 matrix on this project's 2-core machines: ``count_nonzero``
@@ -6,6 +6,9 @@ CPUs (measured on a 4096 x 11008 bf16 matrix on this project's 2-core machines: 
 float's bit pattern instead, viewed as a same-width integer: a float is zero exactly when its bits
 without the sign bit are zero, and multiplying the bits by 0/1 writes +0.0 or leaves the value
 untouched (0.008 s and 0.07 s). Results are identical to the float operations.
+
+``torch.isfinite(t).all()`` is as slow (0.4 s on that matrix); :func:`all_finite` asks the same of
+the minimum and maximum instead (``aminmax`` propagates NaN): 0.016 s.
 """
 
 from __future__ import annotations
@@ -49,3 +52,13 @@ def zero_where_(t: Tensor, mask: Tensor) -> None:
             data.masked_fill_(~keep, 0)
         else:
             bits.mul_(keep)
+
+
+def all_finite(t: Tensor) -> bool:
+    """Whether every entry of ``t`` is finite (no NaN, no +-inf)."""
+    if t.numel() == 0:
+        return True
+    if not t.is_floating_point():
+        return True
+    lo, hi = torch.aminmax(t.detach())  # NaN anywhere makes both NaN
+    return bool(torch.isfinite(lo) & torch.isfinite(hi))
