@@ -76,7 +76,7 @@ def ours(args: argparse.Namespace, work: Path, method: str, pattern: str, option
     tag = f"llmprune-{method}-{pattern.replace(':', 'of')}" + "".join(f"-{k}{v}" for k, v in options.items())
     out = work / tag
     cmd = [sys.executable, "-m", "llmprune.cli", "prune", "--model", args.model, "--method", method,
-           "--calib-dataset", "c4", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", "0",
+           "--calib-dataset", "c4", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.calib_seed),
            "--data-dir", args.data_dir, "--output", str(out), "--overwrite"]
     cmd += ["--pattern", pattern] if pattern != "unstructured" else ["--sparsity", str(args.sparsity)]
     for key, value in options.items():
@@ -111,6 +111,7 @@ def main() -> None:
     ap.add_argument("--data-dir", default=os.environ.get("LLMPRUNE_DATA_DIR", str(REPO.parent / "shared" / "data")))
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (up to 128)")
     ap.add_argument("--seqlen", type=int, default=2048)
+    ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows (both tools get the same)")
     ap.add_argument("--sparsity", type=float, default=0.5)
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--all-windows", action="store_true")
@@ -134,7 +135,7 @@ def main() -> None:
     model_dir = gguf_to_folder(source.location) if source.kind in ("builtin", "gguf") else Path(source.location)
     model, tok = load_model(args.model, "float32", "cpu")
     calib_src = resolve("c4", "calibration", args.data_dir)
-    calib = calibration_windows(tok, calib_src, args.nsamples, args.seqlen, seed=0)
+    calib = calibration_windows(tok, calib_src, args.nsamples, args.seqlen, seed=args.calib_seed)
     calib_file = work / "calib.safetensors"
     save_file({"input_ids": calib.contiguous()}, str(calib_file))
     eval_src = resolve("wikitext2", "evaluation", args.data_dir)
@@ -143,7 +144,7 @@ def main() -> None:
     result: dict[str, Any] = {
         "benchmark": "unstructured", "model": args.model, "model_folder": str(model_dir),
         "protocol": {"calibration": {**calib_src.describe(), "nsamples": args.nsamples, "seqlen": args.seqlen,
-                                     "seed": 0, "tokens_sha256": token_hash(calib)},
+                                     "seed": args.calib_seed, "tokens_sha256": token_hash(calib)},
                      "evaluation": {**eval_src.describe(), "seqlen": 2048, "windows": windows or "all"},
                      "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
         "versions": versions(), "runs": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
