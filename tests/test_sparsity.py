@@ -296,3 +296,13 @@ def test_row_selection_equals_a_stable_sort_with_many_ties() -> None:
             order = torch.sort(scores, dim=-1, stable=True).indices[:, :count]
             expected = torch.zeros_like(scores, dtype=torch.bool).scatter_(1, order, True)
             assert torch.equal(prune_lowest_per_row(scores, count), expected), (trial, count)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_wanda_score_leaves_the_weight_alone(dtype: torch.dtype) -> None:
+    weight = torch.randn(6, 8).to(dtype)
+    before = weight.clone()
+    norm = torch.rand(8)
+    got = wanda(weight, norm)
+    assert torch.equal(weight, before) and got.dtype == torch.float32
+    assert torch.equal(got, weight.float().abs() * norm.sqrt().unsqueeze(0))
