@@ -272,6 +272,20 @@ def test_input_stats_accumulate_like_the_batch_formulas(hessian: bool) -> None:
         assert stats.hessian is None
 
 
+def test_input_stats_without_moments_keep_the_same_norms_and_refuse_moments() -> None:
+    x = torch.randn(9, 4, generator=torch.Generator().manual_seed(3))
+    full, lean = InputStats(4, hessian=False, device=CPU), InputStats(4, hessian=False, device=CPU, moments=False)
+    full.update(x)
+    lean.update(x)
+    assert torch.equal(full.sq_norm, lean.sq_norm) and full.tokens == lean.tokens == 9
+    torch.testing.assert_close(full.mean, x.mean(0))
+    torch.testing.assert_close(full.variance, x.var(0))
+    with pytest.raises(RuntimeError, match="without moments"):
+        _ = lean.mean
+    with pytest.raises(RuntimeError, match="without moments"):
+        _ = lean.variance
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 @pytest.mark.parametrize("hessian", [False, True])
 def test_input_stats_flag_nonfinite_inputs(bad: float, hessian: bool) -> None:

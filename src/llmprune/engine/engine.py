@@ -144,11 +144,13 @@ class LayerContext:
         hessian: bool,
         keep_outputs: bool = False,
         prune_now: Callable[[str, nn.Linear, InputStats], None] | None = None,
+        moments: bool = True,
     ) -> dict[str, InputStats]:
         """Run the layer once with input statistics collected for every linear.
 
         Linears that receive the very same input tensor (q/k/v, gate/up) share one statistics
-        object, so X^T X is computed once per distinct input. With ``keep_outputs`` the layer's
+        object, so X^T X is computed once per distinct input (``moments``: also their per-column
+        mean and variance, see :class:`InputStats`). With ``keep_outputs`` the layer's
         outputs of this same pass are kept in ``self.outputs`` (on ``cache_device``); without it
         the forward of each batch stops as soon as every linear has seen its input (Wanda's
         statistics pass then skips the layer's last matmul, the MLP down projection).
@@ -179,7 +181,7 @@ class LayerContext:
                     stats[name] = stats[owner]
                 else:
                     if name not in stats:
-                        stats[name] = InputStats(linear.in_features, hessian=hessian, device=self.device)
+                        stats[name] = InputStats(linear.in_features, hessian=hessian, device=self.device, moments=moments)
                     stats[name].update(x)
                     live[id(x)] = name
                     keep_alive.append(x)
@@ -308,7 +310,8 @@ def run_layerwise(
                         report = _timed_linear_sequential(method, ctx)
                     else:
                         if method.stats is not None or dense:
-                            ctx.stats = ctx.observe(hessian=method.stats == "hessian", keep_outputs=dense)
+                            ctx.stats = ctx.observe(hessian=method.stats == "hessian", keep_outputs=dense,
+                                                    moments=method.stats == "moments")
                         report = _timed(method, ctx)
                     hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
                 hidden = store.done(layer, report, hidden)
@@ -333,7 +336,7 @@ def _timed_linear_sequential(method: Method, ctx: LayerContext) -> dict[str, Any
     def prune_now(name: str, linear: nn.Linear, stats: InputStats) -> None:
         sparsity[name] = method.prune_linear(name, linear, stats)
 
-    ctx.stats = ctx.observe(hessian=method.stats == "hessian", prune_now=prune_now)
+    ctx.stats = ctx.observe(hessian=method.stats == "hessian", prune_now=prune_now, moments=method.stats == "moments")
     report = {"layer": ctx.layer.index, "sparsity": {name: sparsity[name] for name in ctx.layer.linears},
               "time_s": round(time.perf_counter() - start, 4)}
     log.debug("layer %d pruned (sequential=linear): %s", ctx.layer.index, report)

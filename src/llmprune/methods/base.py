@@ -41,7 +41,9 @@ class Method(ABC):
     summary: ClassVar[str]
     Options: ClassVar[type[MethodOptions]] = MethodOptions
     needs_calibration: ClassVar[bool] = True
-    stats: ClassVar[Literal["sq_norm", "hessian"] | None] = "sq_norm"
+    # What the engine observes of each linear's input: its per-column sum of squares, that plus the
+    # per-column moments (mean, variance), X^T X, or nothing.
+    stats: ClassVar[Literal["sq_norm", "moments", "hessian"] | None] = "sq_norm"
     # What the next layer is calibrated on (see engine.run_layerwise).
     propagate: ClassVar[Literal["pruned", "dense"]] = "pruned"
     # Structured methods change shapes; their reports carry a "structure" section.

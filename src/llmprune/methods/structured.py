@@ -59,7 +59,7 @@ class ChannelMethod(Method):
 
     propagate = "dense"
     structured = True
-    stats = "sq_norm"
+    stats = "moments"
     Options = ChannelOptions
     adds_out_bias = False
 
