@@ -77,10 +77,10 @@ def measure(repeats: int) -> dict[str, Any]:
             method.prune_layer(ctx)
             times.setdefault("prune", []).append(time.perf_counter() - start)
             if has_linear:
-                from llmprune.engine.engine import _timed_linear_sequential
+                from llmprune.engine.engine import _prune_while_observing
 
                 linear = wanda(Pattern(0.5), wanda.Options(sequential="linear"))
-                timed("linear_step", lambda m=linear: _timed_linear_sequential(m, ctx1))
+                timed("linear_step", lambda m=linear: _prune_while_observing(m, ctx1))
     return {name: round(min(values), 3) for name, values in times.items()}
 
 

@@ -173,18 +173,18 @@ class LayerContext:
         def make_hook(name: str, linear: nn.Linear) -> Callable[..., None]:
             def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
                 x = args[0]
-                owner = live.get(id(x))
-                if name in source_of:
-                    pass
-                elif owner is not None and owner != name:
-                    source_of[name] = owner
-                    stats[name] = stats[owner]
-                else:
-                    if name not in stats:
-                        stats[name] = InputStats(linear.in_features, hessian=hessian, device=self.device, moments=moments)
-                    stats[name].update(x)
-                    live[id(x)] = name
-                    keep_alive.append(x)
+                if name not in source_of:
+                    owner = live.get(id(x))
+                    if owner is not None and owner != name:
+                        source_of[name] = owner
+                        stats[name] = stats[owner]
+                    else:
+                        if name not in stats:
+                            stats[name] = InputStats(linear.in_features, hessian=hessian, device=self.device,
+                                                     moments=moments)
+                        stats[name].update(x)
+                        live[id(x)] = name
+                        keep_alive.append(x)
                 seen.add(name)
                 if prune_now is not None:
                     prune_now(name, linear, stats[name])
@@ -286,7 +286,8 @@ def run_layerwise(
             for layer in bar:
                 with store.loaded(layer):
                     with onloaded(layer.module, device):
-                        report = _timed(method, LayerContext(layer, device, cache_device))
+                        ctx = LayerContext(layer, device, cache_device)
+                        report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
                     store.done(layer, report, None)
                 reports.append(report)
             return reports
@@ -307,12 +308,11 @@ def run_layerwise(
                     ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index],
                                        inputs.kwargs[layer.index])
                     if linear_sequential:
-                        report = _timed_linear_sequential(method, ctx)
+                        report = _timed(ctx, lambda ctx=ctx: _prune_while_observing(method, ctx))
                     else:
                         if method.stats is not None or dense:
-                            ctx.stats = ctx.observe(hessian=method.stats == "hessian", keep_outputs=dense,
-                                                    moments=method.stats == "moments")
-                        report = _timed(method, ctx)
+                            ctx.stats = ctx.observe(**_stats_kind(method), keep_outputs=dense)
+                        report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
                     hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
                 hidden = store.done(layer, report, hidden)
             reports.append(report)
@@ -320,24 +320,26 @@ def run_layerwise(
     return reports
 
 
-def _timed(method: Method, ctx: LayerContext) -> dict[str, Any]:
+def _stats_kind(method: Method) -> dict[str, bool]:
+    """``observe``'s flags for what ``method.stats`` asks of each linear's input."""
+    return {"hessian": method.stats == "hessian", "moments": method.stats == "moments"}
+
+
+def _timed(ctx: LayerContext, step: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    """Run one layer's pruning ``step``; its report with the layer index and the time it took."""
     start = time.perf_counter()
-    report = method.prune_layer(ctx)
+    report = step()
     report = {"layer": ctx.layer.index, **report, "time_s": round(time.perf_counter() - start, 4)}
     log.debug("layer %d pruned: %s", ctx.layer.index, report)
     return report
 
 
-def _timed_linear_sequential(method: Method, ctx: LayerContext) -> dict[str, Any]:
-    """Observe and prune in one forward (``sequential="linear"``); the report has prune_layer's shape."""
-    start = time.perf_counter()
+def _prune_while_observing(method: Method, ctx: LayerContext) -> dict[str, Any]:
+    """``sequential="linear"``: observe and prune in one forward; the report has prune_layer's shape."""
     sparsity: dict[str, float] = {}
 
     def prune_now(name: str, linear: nn.Linear, stats: InputStats) -> None:
         sparsity[name] = method.prune_linear(name, linear, stats)
 
-    ctx.stats = ctx.observe(hessian=method.stats == "hessian", prune_now=prune_now, moments=method.stats == "moments")
-    report = {"layer": ctx.layer.index, "sparsity": {name: sparsity[name] for name in ctx.layer.linears},
-              "time_s": round(time.perf_counter() - start, 4)}
-    log.debug("layer %d pruned (sequential=linear): %s", ctx.layer.index, report)
-    return report
+    ctx.stats = ctx.observe(**_stats_kind(method), prune_now=prune_now)
+    return {"sparsity": {name: sparsity[name] for name in ctx.layer.linears}}

@@ -44,11 +44,11 @@ class InputStats:
     @property
     def variance(self) -> Tensor:
         """(in_features,) unbiased variance of x_j over calibration tokens."""
+        if self._sum is None:
+            raise RuntimeError("these statistics were gathered without moments (InputStats(moments=False))")
         n = self.tokens
         if n < 2:
             return torch.zeros_like(self._sq_norm)
-        if self._sum is None:
-            raise RuntimeError("these statistics were gathered without moments (InputStats(moments=False))")
         sq = self.sq_norm.double()
         return ((sq - self._sum.pow(2) / n) / (n - 1)).clamp_min(0.0).to(STATS_DTYPE)
 

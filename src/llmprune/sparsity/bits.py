@@ -47,18 +47,16 @@ def zero_where_(t: Tensor, mask: Tensor) -> None:
     with torch.no_grad():
         data = t.detach()
         bits = _bits(data)
-        keep = mask.to(data.device).logical_not()
-        if bits is None or keep.shape != data.shape:
-            data.masked_fill_(~keep, 0)
+        mask = mask.to(data.device)
+        if bits is None or mask.shape != data.shape:
+            data.masked_fill_(mask, 0)
         else:
-            bits.mul_(keep)
+            bits.mul_(mask.logical_not())
 
 
 def all_finite(t: Tensor) -> bool:
     """Whether every entry of ``t`` is finite (no NaN, no +-inf)."""
-    if t.numel() == 0:
-        return True
-    if not t.is_floating_point():
+    if t.numel() == 0 or not t.is_floating_point():
         return True
     lo, hi = torch.aminmax(t.detach())  # NaN anywhere makes both NaN
     return bool(torch.isfinite(lo) & torch.isfinite(hi))
