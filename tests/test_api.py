@@ -123,6 +123,8 @@ BAD_INPUTS = [
     (dict(pattern="2:4", sparsity=0.3), "contradicts"),
     (dict(method_options={"scope": "diagonal"}), "invalid options for method wanda"),
     (dict(method_options={"ratio": 0.1}), "invalid options for method wanda"),
+    (dict(method_options={"sequential": "sublayer"}), "method.sequential: Input should be 'layer' or 'linear'"),
+    (dict(method="barber", method_options={"sequential": "linear"}), "invalid options for method barber"),
     (dict(data_dir="/no/such/dir"), "does not exist"),
     (dict(calib_dataset="wikitext2:test", eval="wikitext2"), "never calibrate on the evaluated split"),
 ]
