@@ -10,6 +10,7 @@ from typing import Any
 
 import torch
 
+from .engine.heap import malloc_policy
 from .models.view import ModelView
 from .sparsity.bits import count_zeros, nonzero
 from .sparsity.patterns import Pattern
@@ -69,4 +70,5 @@ def versions() -> dict[str, str]:
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     out["torch_threads"] = str(torch.get_num_threads())
+    out["malloc"] = malloc_policy()
     return out

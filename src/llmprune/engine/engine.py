@@ -23,6 +23,7 @@ from ..models.view import DecoderLayer, ModelView
 from ..sparsity.bits import all_finite
 from .capture import capture_layer_inputs, move_to
 from .context import calibration_mode
+from .heap import heap_allocations
 from .observers import InputStats
 
 if TYPE_CHECKING:
@@ -273,6 +274,9 @@ def run_layerwise(
 
     ``store`` decides where the layers live (default: all in memory); a streaming store loads one
     layer at a time and may resume after ``store.start`` layers.
+
+    Large temporaries come from the heap during the run and are given back after every layer
+    (:mod:`llmprune.engine.heap`), which spares the page faults of fresh ``mmap`` allocations.
     """
     cache_device = cache_device or device
     store = store or LayerStore()
@@ -281,7 +285,7 @@ def run_layerwise(
     todo = view.layers[store.start:]
     bar = tqdm(todo, desc=f"{method.name}: layers", disable=not progress, unit="layer",
                initial=store.start, total=len(view.layers))
-    with calibration_mode(model):
+    with calibration_mode(model), heap_allocations() as heap:
         if not method.needs_calibration:
             for layer in bar:
                 with store.loaded(layer):
@@ -289,6 +293,7 @@ def run_layerwise(
                         ctx = LayerContext(layer, device, cache_device)
                         report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
                     store.done(layer, report, None)
+                heap.trim()
                 reports.append(report)
             return reports
         if calib_ids is None:
@@ -317,6 +322,7 @@ def run_layerwise(
                 hidden = store.done(layer, report, hidden)
             reports.append(report)
             inputs.args[layer.index], inputs.kwargs[layer.index] = [], []  # free what this layer needed
+            heap.trim()  # the freed layer's memory goes back to the system (see heap)
     return reports
 
 

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..errors import LLMPruneError
 from ..io.save import write_json_atomic
-from ..models.shards import INDEX_NAME, ShardReader, assign_tensors
+from ..models.shards import INDEX_NAME, ShardReader, assign_tensors, write_safetensors
 from ..models.view import DecoderLayer, ModelView, check_finite_weights
 from ..report import sparsity_report
 from ..sparsity.patterns import Pattern
@@ -53,10 +53,8 @@ def _layer_shard(index: int) -> str:
 
 
 def _save_safetensors_atomic(tensors: dict[str, Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+    write_safetensors(tensors, tmp, metadata={"format": "pt"})
     os.replace(tmp, path)
 
 

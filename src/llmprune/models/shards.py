@@ -1,4 +1,4 @@
-"""Read a safetensors checkpoint tensor by tensor, and build its model without allocating weights.
+"""Read a safetensors checkpoint tensor by tensor, write shards, and build a model without allocating weights.
 
 Used by streaming (:mod:`llmprune.engine.streaming`): the model is built on the meta device, only
 the modules outside the decoder layers are materialised, and each decoder layer is loaded from the
@@ -7,7 +7,10 @@ shards just before it is pruned.
 
 from __future__ import annotations
 
+import errno
 import json
+import mmap
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +25,134 @@ SINGLE_NAME = "model.safetensors"
 
 _DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
                 "F8_E4M3": 1, "F8_E5M2": 1}
+_TORCH_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
+                      torch.float8_e5m2: "F8_E5M2"}
+
+# safetensors' Dtype order (its Rust enum); save_file writes tensors in reverse of it, then by name
+_WRITE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"]
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[str],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write ``tensors`` (CPU) to ``path`` in the safetensors format, straight from their memory.
+
+    ``safetensors.torch.save_file`` first builds the whole file in one growing buffer; for a 7B
+    layer (0.4 GB) that is a second copy of the layer, grown by reallocation, which cost 0.3-0.9 s
+    per layer on this project's 2-core machines. This writes the header, then each tensor's bytes
+    with one ``write`` (no copy, and the GIL is released while the kernel copies). The layout is
+    the format's: a little-endian u64 header length, the JSON header padded with spaces to a
+    multiple of 8, then the data, tensors in safetensors' own order (by dtype, widest first, then
+    name), so the file is byte-identical to ``save_file``'s. Readers: any safetensors reader.
+    """
+    items = sorted(tensors.items(), key=lambda kv: (-_WRITE_ORDER.index(_TORCH_DTYPE_NAMES.get(kv[1].dtype, "BOOL")),
+                                                    kv[0]))
+    header: dict[str, Any] = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    for name, t in items:
+        if t.dtype not in _TORCH_DTYPE_NAMES:
+            raise LLMPruneError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _TORCH_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    parts = [len(raw).to_bytes(8, "little"), raw]
+    parts += [t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data for _, t in items if t.numel()]
+    if offset < _DIRECT_MIN_BYTES or not _write_direct(path, parts):
+        with open(path, "wb") as fh:
+            for part in parts:
+                fh.write(part)
+
+
+_DIRECT_MIN_BYTES = 16 << 20  # smaller files: the page cache's overhead does not matter
+_DIRECT_CHUNK = 32 << 20  # staging buffer of the direct writer
+_DIRECT_ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in multiples of the block size
+
+
+def _write_direct(path: str | os.PathLike[str], parts: list[Any]) -> bool:
+    """Write the concatenation of ``parts`` (bytes-like) to ``path`` with ``O_DIRECT``; False where
+    the system or file system does not offer it (then nothing was written and the caller writes).
+
+    Buffered writes of a 7B model's shards cost more CPU than the pruning around them on this
+    project's virtual machines: ``dd`` of 2 GB took 5.1 s (all of it system time) through the page
+    cache against 1.3 s (0.3 s system time) with ``O_DIRECT``. The data goes through one reused,
+    page-aligned staging buffer; the last block is padded and the file truncated to its length.
+    """
+    direct = getattr(os, "O_DIRECT", 0)
+    if not direct:
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | direct, 0o644)
+    except OSError:
+        return False
+    stage = mmap.mmap(-1, _DIRECT_CHUNK)  # anonymous maps are page-aligned
+    view = memoryview(stage)
+    fill = total = 0
+
+    def flush(length: int) -> None:
+        done = 0
+        while done < length:
+            done += os.write(fd, view[done:length])
+
+    try:
+        for part in parts:
+            part = memoryview(part).cast("B")
+            pos = 0
+            while pos < len(part):
+                n = min(_DIRECT_CHUNK - fill, len(part) - pos)
+                view[fill:fill + n] = part[pos:pos + n]
+                fill, pos, total = fill + n, pos + n, total + n
+                if fill == _DIRECT_CHUNK:
+                    flush(fill)
+                    fill = 0
+        if fill:
+            padded = -(-fill // _DIRECT_ALIGN) * _DIRECT_ALIGN
+            view[fill:padded] = bytes(padded - fill)
+            flush(padded)
+        os.ftruncate(fd, total)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # a real failure (disk full ...): the caller's error handling
+            raise
+        os.close(fd)
+        fd = -1
+        return False  # this file system refuses direct writes of this shape: write buffered instead
+    finally:
+        if fd >= 0:
+            os.close(fd)
+        view.release()
+        stage.close()
+    return True
+
+
+_TORCH_DTYPES = {v: k for k, v in _TORCH_DTYPE_NAMES.items()}
+
+
+def _read_tensors(fh: Any, names: list[str]) -> dict[str, torch.Tensor]:
+    """``names`` from the open safetensors file ``fh`` (unbuffered), each read into a new tensor."""
+    size = int.from_bytes(fh.read(8), "little")
+    header = json.loads(fh.read(size))
+    out: dict[str, torch.Tensor] = {}
+    for key in names:
+        info = header[key]
+        t = torch.empty(info["shape"], dtype=_TORCH_DTYPES[info["dtype"]])
+        begin, end = info["data_offsets"]
+        if end - begin != t.numel() * t.element_size():
+            raise ValueError(f"{key} holds {end - begin} bytes for shape {info['shape']} {info['dtype']}")
+        buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()) if t.numel() else memoryview(b"")
+        fh.seek(8 + size + begin)
+        done = 0
+        while done < len(buf):  # one read returns at most ~2 GB on Linux
+            n = fh.readinto(buf[done:])
+            if not n:
+                raise ValueError(f"the file ends inside {key}")
+            done += n
+        out[key] = t
+    return out
 
 
 @dataclass
@@ -89,9 +220,13 @@ class ShardReader:
         return reader
 
     def load(self, keys: list[str]) -> dict[str, torch.Tensor]:
-        """The named tensors, read from their shards (each shard opened once)."""
-        from safetensors import safe_open
+        """The named tensors, read from their shards into memory of their own (each shard opened once).
 
+        Read with plain ``readinto`` rather than safetensors' memory map: a tensor of the map is a
+        copy-on-write view of the file, so pruning it in place faults page by page (0.13 s for a
+        bf16 4096 x 11008 matrix here, measured), and copying it out faults on the map's side too;
+        one read into a tensor allocated here is a single kernel copy.
+        """
         by_file: dict[str, list[str]] = {}
         for key in keys:
             by_file.setdefault(self.tensors[key].file, []).append(key)
@@ -99,13 +234,9 @@ class ShardReader:
         for name, names in by_file.items():
             path = self.folder / name
             try:
-                with safe_open(str(path), framework="pt") as fh:
-                    for key in names:
-                        # get_tensor's tensor is a copy-on-write view of the memory-mapped file: pruning
-                        # in place then faults page by page (0.13 s for a bf16 4096 x 11008 matrix here,
-                        # measured) where an owned copy costs 0.02 s once.
-                        out[key] = fh.get_tensor(key).clone()
-            except Exception as exc:
+                with open(path, "rb", buffering=0) as fh:
+                    out.update(_read_tensors(fh, names))
+            except (OSError, ValueError, KeyError) as exc:
                 raise LLMPruneError(f"shard {path} cannot be read ({exc}); the checkpoint is corrupt") from None
         return out
 

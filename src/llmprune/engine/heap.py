@@ -1,0 +1,94 @@
+"""Large allocations from the heap during a layer-wise run, handed back to the system after each layer.
+
+A layer step allocates and frees many large temporaries: float32 score copies, masks, statistics,
+the activations of a layer's MLP (4096 tokens x 11008 x bf16 = 90 MB for a 7B layer). glibc serves
+every allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and returns it with
+``munmap``, so every such temporary is paid again in page faults. Measured on this project's 2-core
+machines: a fresh float32 copy of a bf16 4096 x 11008 matrix 42-47 ms, the same copy into reused
+memory 4-7 ms; a streamed layer step of a 7B-shaped model spent over a second in such faults.
+
+:func:`heap_allocations` turns ``mmap`` off for the duration of a run (``mallopt(M_MMAP_MAX, 0)``)
+and keeps freed memory in the heap (``M_TRIM_THRESHOLD``), so temporaries reuse pages already
+faulted in; :meth:`Heap.trim` (``malloc_trim(0)``, after every layer) gives every free page back to
+the system, so peak memory stays that of one layer's working set (the streamed 4-layer run of 7B
+widths: 2177 MB peak RSS, against 3758 MB without the per-layer trim and 2068 MB with plain mmap).
+Leaving the block restores glibc's defaults.
+
+Alternatives measured and not taken: PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (2 MB pages for its
+allocations) must be set before torch is imported and was erratic on these virtual machines (the
+same 180 MB copy took 11 to 200 ms); a buffer pool only covers our own temporaries, not the
+model's activations.
+
+Only glibc has these calls; elsewhere (macOS, musl) this does nothing. ``LLMPRUNE_MALLOC=default``
+turns it off. Results are identical either way: only where memory comes from changes.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+import os
+import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+log = logging.getLogger(__name__)
+
+ENV = "LLMPRUNE_MALLOC"
+_M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
+_DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
+_KEEP_FREED = 2**31 - 1  # trim threshold while active: never trim on free, only in Heap.trim
+
+
+class Heap:
+    """What :func:`heap_allocations` yields: ``trim()`` between layers, ``policy`` for run reports."""
+
+    def __init__(self, libc: ctypes.CDLL | None) -> None:
+        self._libc = libc
+        self.policy = "glibc heap (mmap off, trimmed after each layer)" if libc is not None else "system default"
+
+    def trim(self) -> None:
+        if self._libc is not None:
+            self._libc.malloc_trim(0)
+
+
+_depth = 0  # nested runs (e.g. a sweep's) share the outermost block's setting
+
+
+def _glibc() -> ctypes.CDLL | None:
+    if os.environ.get(ENV, "heap") == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:
+        return None
+
+
+@contextmanager
+def heap_allocations() -> Iterator[Heap]:
+    """Serve large allocations from the heap inside the block (see the module's docstring)."""
+    global _depth
+    libc = _glibc()
+    heap = Heap(libc)
+    if libc is None:
+        yield heap
+        return
+    if _depth == 0:
+        libc.mallopt(_M_MMAP_MAX, 0)
+        libc.mallopt(_M_TRIM_THRESHOLD, _KEEP_FREED)
+    _depth += 1
+    try:
+        yield heap
+    finally:
+        _depth -= 1
+        if _depth == 0:
+            libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
+            libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
+            heap.trim()
+
+
+def malloc_policy() -> str:
+    """The policy :func:`heap_allocations` applies on this system, for run reports."""
+    return Heap(_glibc()).policy

@@ -1,0 +1,98 @@
+"""The safetensors writer and reader of models/shards, and the allocation policy of engine/heap."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from llmprune.engine import heap
+from llmprune.errors import LLMPruneError
+from llmprune.models.shards import ShardReader, write_safetensors
+
+
+def tensors() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "model.layers.0.mlp.up_proj.weight": torch.randn(6, 10, generator=g).to(torch.bfloat16),
+        "model.norm.weight": torch.randn(10, generator=g),
+        "a.half": torch.randn(3, 2, generator=g).half(),
+        "a.double": torch.randn(2, generator=g).double(),
+        "step": torch.tensor(7, dtype=torch.int64),
+        "mask": torch.rand(4, 4, generator=g) < 0.5,
+        "bytes": torch.arange(5, dtype=torch.uint8),
+        "empty": torch.zeros(0, 3),
+        "view": torch.randn(8, 8, generator=g)[:, ::2],  # not contiguous
+    }
+
+
+def test_writer_matches_safetensors_byte_for_byte(tmp_path: Path) -> None:
+    ts = tensors()
+    write_safetensors(ts, tmp_path / "ours.safetensors", metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "ours.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+    back = load_file(str(tmp_path / "ours.safetensors"))
+    assert set(back) == set(ts)
+    for k, v in ts.items():
+        assert back[k].dtype == v.dtype and torch.equal(back[k], v)
+
+
+def test_writer_refuses_a_dtype_safetensors_cannot_store(tmp_path: Path) -> None:
+    with pytest.raises(LLMPruneError, match="complex64, which safetensors cannot store"):
+        write_safetensors({"z": torch.zeros(2, dtype=torch.complex64)}, tmp_path / "z.safetensors")
+
+
+def test_reader_loads_what_safetensors_wrote_into_owned_memory(tmp_path: Path) -> None:
+    ts = tensors()
+    save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp_path / "model.safetensors"))
+    reader = ShardReader.open(tmp_path)
+    got = reader.load(["step", "mask", "empty", "model.layers.0.mlp.up_proj.weight"])
+    for k, v in got.items():
+        assert v.dtype == ts[k].dtype and torch.equal(v, ts[k])
+    got["model.layers.0.mlp.up_proj.weight"].zero_()  # ours to write: the file is untouched
+    assert torch.equal(reader.load(["model.layers.0.mlp.up_proj.weight"])["model.layers.0.mlp.up_proj.weight"],
+                       ts["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_reader_reports_a_file_that_ends_inside_a_tensor(tmp_path: Path) -> None:
+    save_file({"w": torch.randn(64, 64)}, str(tmp_path / "model.safetensors"))
+    reader = ShardReader.open(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])  # cut after the reader was opened
+    with pytest.raises(LLMPruneError, match="model.safetensors cannot be read .*ends inside w.*corrupt"):
+        reader.load(["w"])
+
+
+def test_heap_policy_nests_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
+    expected = heap.malloc_policy()
+    with heap.heap_allocations() as outer:
+        with heap.heap_allocations() as inner:
+            assert heap._depth == (2 if outer.policy.startswith("glibc") else 0)
+            x = torch.ones(64 * 1024 * 1024 // 4)  # 64 MB: above any mmap threshold
+            del x
+            inner.trim()
+        assert outer.policy == expected
+    assert heap._depth == 0
+    monkeypatch.setenv(heap.ENV, "default")
+    assert heap.malloc_policy() == "system default"
+    with heap.heap_allocations() as off:
+        off.trim()  # does nothing, and does not fail
+        assert heap._depth == 0
+
+
+@pytest.mark.parametrize("chunk", [4096, 3 * 4096, 32 << 20])
+def test_direct_writer_is_byte_identical(chunk: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmprune.models.shards as shards
+
+    parts = [b"\x01" * 10, bytes(range(256)) * 33, b"", b"\x02" * 9000]
+    if not shards._write_direct(tmp_path / "probe", parts):
+        pytest.skip("this file system does not take O_DIRECT writes")
+    assert (tmp_path / "probe").read_bytes() == b"".join(parts)  # padded, then truncated to its length
+    monkeypatch.setattr(shards, "_DIRECT_MIN_BYTES", 0)
+    monkeypatch.setattr(shards, "_DIRECT_CHUNK", chunk)  # staging buffer filled and flushed many times
+    ts = tensors() | {"big": torch.randn(100, 123)}
+    write_safetensors(ts, tmp_path / "direct.safetensors", metadata={"format": "pt"})
+    save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
+    assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
