@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 import llmprune
-from llmprune.engine.streaming import PROGRESS_NAME, partial_dir
+from llmprune.engine.streaming import OBSERVE_PROGRESS_NAME, PROGRESS_NAME, partial_dir
 from llmprune.errors import LLMPruneError
 
 from .conftest import FAMILIES, byte_level_tokenizer, save_tiny, tiny_model
@@ -82,6 +82,62 @@ def test_streamed_equals_in_memory_methods(method: str, kw: dict, calib_file: Pa
     st = llmprune.prune(str(src), output=str(tmp_path / "str"), stream="on", **args)
     assert_same_tensors(tmp_path / "mem", tmp_path / "str")
     assert st.report["sparsity"] == mem.report["sparsity"]
+
+
+STRUCTURED = [
+    ("llama", "cfsp", {}),
+    ("qwen2", "flap", {}),  # widths differ per layer, and every layer gains an output bias
+    ("mistral", "wanda-sp", {"uniform": True}),  # a stock checkpoint
+    ("llama", "cfsp", {"attention": 0.5, "importance": "mse"}),  # KV groups too
+    ("opt", "magnitude-sp", {}),
+]
+
+
+@pytest.mark.parametrize(("family", "method", "opts"), STRUCTURED)
+def test_structured_streamed_equals_in_memory(family: str, method: str, opts: dict, calib_file: Path,
+                                              tmp_path: Path) -> None:
+    src = save_tiny(tmp_path / "src", family, num_hidden_layers=3, max_shard_size="40KB",
+                    **({"num_key_value_heads": 4} if "attention" in opts else {}))
+    args = prune_args(calib_file, method=method, sparsity=0.3, method_options=opts)
+    mem = llmprune.prune(str(src), output=str(tmp_path / "mem"), stream="off", **args)
+    out = tmp_path / "str"
+    st = llmprune.prune(str(src), output=str(out), stream="on", **args)
+    assert_same_tensors(tmp_path / "mem", out)
+    assert st.report["structure"] == mem.report["structure"]
+    assert st.report["sparsity"] == mem.report["sparsity"]
+    strip = [{k: v for k, v in r.items() if k != "time_s"} for r in mem.report["layers"]]
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in st.report["layers"]] == strip
+    assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "mem" / "config.json").read_text())
+    assert not partial_dir(out).exists()
+    reloaded, _ = llmprune.load(str(out))
+    ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.eval()(input_ids=ids).logits, mem.model(input_ids=ids).logits,
+                                   rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kill_at", ["observe:1", "1"])
+def test_structured_killed_run_resumes_to_identical_output(kill_at: str, calib_file: Path, tmp_path: Path) -> None:
+    src = save_tiny(tmp_path / "src", "llama", num_hidden_layers=4, max_shard_size="40KB")
+    out = tmp_path / "out"
+    cmd = ["prune", "--model", str(src), "--method", "flap", "--sparsity", "0.3", "--stream",
+           "--calib-dataset", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--output", str(out)]
+    killed = _cli(cmd, {"LLMPRUNE_TEST_KILL_AFTER_LAYER": kill_at})
+    assert killed.returncode == -9, killed.stderr[-2000:]  # killed in the observing (or the writing) pass
+    work = partial_dir(out)
+    assert not out.exists() and work.is_dir()
+    observed = json.loads((work / OBSERVE_PROGRESS_NAME).read_text())["layers_done"]
+    assert observed == (2 if kill_at.startswith("observe") else 4)
+    assert (work / PROGRESS_NAME).is_file() == (not kill_at.startswith("observe"))
+    resumed = _cli(cmd)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    report = json.loads((out / "llmprune.json").read_text())
+    assert report["streaming"]["resumed_at_layer"] == (0 if kill_at.startswith("observe") else 2)
+    assert not work.exists() and not list(out.glob("state-*")) and not list(out.glob("progress*"))
+    ref = llmprune.prune(str(src), output=str(tmp_path / "ref"), stream="off",
+                         **prune_args(calib_file, method="flap", sparsity=0.3))
+    assert_same_tensors(tmp_path / "ref", out)
+    assert report["structure"] == ref.report["structure"]
 
 
 def test_single_file_checkpoint_and_bfloat16(calib_file: Path, tmp_path: Path) -> None:
@@ -184,7 +240,6 @@ def test_overwrite_replaces_only_when_complete(calib_file: Path, tmp_path: Path)
 
 
 @pytest.mark.parametrize(("kw", "message"), [
-    (dict(method="cfsp", sparsity=0.2), "needs all layers .* layer-local methods"),
     (dict(eval="wikitext2"), "evaluate the output folder with llmprune eval"),
     (dict(output=None), "pass --output"),
 ])

@@ -21,6 +21,7 @@ from .eval.perplexity import perplexity
 from .eval.zeroshot import PreparedTasks, prepare_tasks, run_zeroshot
 from .io.save import REPORT_NAME, check_output_dir, install_dir, save_run, write_json_atomic
 from .methods import METHODS, Method
+from .methods.structured import ChannelMethod, RemovalStep
 from .models.loading import (
     _structure_record,
     gguf_to_folder,
@@ -256,7 +257,10 @@ _STREAM_MEMORY_FRACTION = 0.5  # stream=auto streams a checkpoint larger than th
 
 
 def _layer_local(cls: type[Method]) -> bool:
-    """Whether a method is done with each layer once the engine leaves it (what streaming needs)."""
+    """Whether a method is done with each layer once the engine leaves it (one streamed pass), or
+    removes structure by a plan made from per-layer records (two streamed passes, ChannelMethod)."""
+    if issubclass(cls, ChannelMethod):
+        return True
     return not cls.structured and cls.propagate == "pruned" and cls.finalize is Method.finalize
 
 
@@ -265,8 +269,8 @@ def _stream_unsupported(plan: _Plan) -> list[str]:
     rec, method = plan.recipe, plan.method
     reasons = []
     if not _layer_local(type(method)):
-        reasons.append(f"method {method.name} needs all layers before it removes anything (streaming supports the "
-                       f"layer-local methods {', '.join(streamable_methods())})")
+        reasons.append(f"method {method.name} needs all layers before it removes anything (streaming supports "
+                       f"{', '.join(streamable_methods())})")
     if rec.eval.datasets or rec.eval.tasks:
         reasons.append("evaluation during a streamed prune is not supported; evaluate the output folder with "
                        "llmprune eval")
@@ -367,9 +371,13 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     resumed_from = store.start
     t0 = time.perf_counter()
     store.materialize_outside()
-    layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=torch.device("cpu"),
-                                  batch_size=rec.calib.batch_size, progress=progress, store=store)
-    structure = method.finalize(view)
+    if isinstance(method, ChannelMethod):
+        layer_reports, structure = _remove_structure_streamed(plan, view, reader, work, settings_id, dtype, calib_ids,
+                                                              store, progress)
+    else:
+        layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=torch.device("cpu"),
+                                      batch_size=rec.calib.batch_size, progress=progress, store=store)
+        structure = method.finalize(view)
     timings = {"load_s": load_s, "data_s": data_s, "prune_s": time.perf_counter() - t0}
     store.finish()
     net.config.save_pretrained(work)
@@ -386,6 +394,27 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     install_dir(work, dest)
     log.info("saved %s", dest)
     return PruneResult(None, tok, report, dest, layer_reports, method)
+
+
+def _remove_structure_streamed(plan: _Plan, view: ModelView, reader: ShardReader, work: Path, settings_id: str,
+                               dtype: torch.dtype, calib_ids: torch.Tensor | None, store: StreamingStore,
+                               progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """A structured method, streamed: observe every layer (dense propagation), plan, then reload each
+    layer, remove what the plan drops and write it (``store``). Returns the observing pass's layer
+    reports (those of an in-memory run) and the structure report."""
+    method = plan.method
+    assert isinstance(method, ChannelMethod)
+    observing = StreamingStore(view, reader, work, settings_id, dtype, plan.pattern, observer=method)
+    if observing.complete:  # a resumed run whose observing pass had finished
+        layer_reports = [dict(r) for r in observing.reports]
+    else:
+        layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=torch.device("cpu"),
+                                      batch_size=plan.recipe.calib.batch_size, progress=progress, store=observing)
+    method.plan_removal(view)
+    for layer in view.layers[:store.start]:  # written before an interruption: only their shapes change here
+        method.apply_removal_shape(layer)
+    run_layerwise(view, RemovalStep(method), None, device=plan.device, progress=progress, store=store)
+    return layer_reports, method.structure_report(view)
 
 
 def _base_recipe(recipe: Recipe | str | Path | dict[str, Any] | None) -> dict[str, Any]:

@@ -10,6 +10,13 @@ Everything happens in a work folder beside the output (``.NAME.partial``). After
 atomic ``progress.json`` records the layers written, their reports and a hash of the settings; a
 re-run with the same settings continues after the last recorded layer and gives bit-identical
 tensors, a re-run with other settings is refused. Only a complete result is moved to the output.
+
+Methods that remove structure (CFSP and the structured baselines) decide globally, after every
+layer was seen, so they stream in two passes: an observing pass (``observer``: each layer is read
+and observed on the dense activations, nothing is written, and what the method recorded of the
+layer is saved beside ``progress-observe.json`` instead), then the method's plan, then a writing
+pass that reloads each layer, removes what the plan drops and writes the smaller layer. Both
+passes resume.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from ..sparsity.patterns import Pattern
 from .engine import LayerStore
 
 PROGRESS_NAME = "progress.json"
+OBSERVE_PROGRESS_NAME = "progress-observe.json"  # the observing pass of a method that removes structure
 OUTSIDE_SHARD = "outside.safetensors"  # renamed to the final shard names when the run completes
 _KILL_AFTER = "LLMPRUNE_TEST_KILL_AFTER_LAYER"  # tests: SIGKILL this process once layer N is recorded
 
@@ -58,27 +66,36 @@ def _save_safetensors_atomic(tensors: dict[str, Tensor], path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _save_hidden_atomic(hidden: list[Tensor], path: Path) -> None:
+def _save_torch_atomic(obj: Any, path: Path) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    torch.save([h.detach().cpu().contiguous() for h in hidden], tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, path)
 
 
+def _state_file(index: int) -> str:
+    return f"state-{index:05d}.pt"
+
+
 class StreamingStore(LayerStore):
-    """Loads each decoder layer from ``reader`` before its step and writes it to ``work`` after it."""
+    """Loads each decoder layer from ``reader`` before its step and writes it to ``work`` after it.
+
+    With ``observer`` (a method with ``layer_state``/``restore_layer_state``) this is the observing
+    pass of a two-pass run: layers are read, not written, and the method's record of each layer is
+    saved (and restored on resume) instead.
+    """
 
     def __init__(self, view: ModelView, reader: ShardReader, work: Path, settings: str, dtype: torch.dtype,
-                 pattern: Pattern | None) -> None:
+                 pattern: Pattern | None, observer: Any = None) -> None:
         self.view, self.reader, self.work, self.settings = view, reader, work, settings
-        self.dtype, self.pattern = dtype, pattern
+        self.dtype, self.pattern, self.observer = dtype, pattern, observer
+        self.progress = work / (OBSERVE_PROGRESS_NAME if observer is not None else PROGRESS_NAME)
         self.start = 0
         self.reports: list[dict[str, Any]] = []
         self.sparsity_layers: list[dict[str, Any]] = []
         self.counts = {"zeros": 0, "weights": 0, "nm_valid": True}
         work.mkdir(parents=True, exist_ok=True)
-        progress = work / PROGRESS_NAME
-        if progress.is_file():
-            state = json.loads(progress.read_text(encoding="utf-8"))
+        if self.progress.is_file():
+            state = json.loads(self.progress.read_text(encoding="utf-8"))
             if state.get("settings") != settings:
                 raise LLMPruneError(
                     f"{work} holds an interrupted streamed run with different settings (model, recipe or "
@@ -89,7 +106,15 @@ class StreamingStore(LayerStore):
             self.reports = state["reports"]
             self.sparsity_layers = state["sparsity_layers"]
             self.counts = state["counts"]
+            if observer is not None:
+                for i in range(self.start):
+                    observer.restore_layer_state(i, torch.load(work / _state_file(i)))
         self.layer_prefix = f"{view.layers_path}."
+
+    @property
+    def complete(self) -> bool:
+        """Every layer is recorded as done (a finished pass, e.g. the observing one of a resumed run)."""
+        return self.start >= len(self.view.layers)
 
     # --- the modules outside the decoder layers ------------------------------------------------
 
@@ -132,23 +157,26 @@ class StreamingStore(LayerStore):
 
     def done(self, layer: DecoderLayer, report: dict[str, Any], hidden: list[Tensor] | None) -> list[Tensor] | None:
         i = layer.index
-        prefix = f"{self.layer_prefix}{i}."
-        _save_safetensors_atomic({prefix + k: v for k, v in layer.module.state_dict().items()},
-                                 self.work / _layer_shard(i))
-        sp = sparsity_report(ModelView(self.view.model, self.view.layers_path, [layer]), self.pattern)
-        self.sparsity_layers.append(sp["layers"][0])
-        self.counts["zeros"] += sp["zeros"]
-        self.counts["weights"] += sp["weights"]
-        self.counts["nm_valid"] = self.counts["nm_valid"] and sp.get("nm_valid", True)
+        if self.observer is not None:
+            _save_torch_atomic(self.observer.layer_state(i), self.work / _state_file(i))
+        else:
+            prefix = f"{self.layer_prefix}{i}."
+            _save_safetensors_atomic({prefix + k: v for k, v in layer.module.state_dict().items()},
+                                     self.work / _layer_shard(i))
+            sp = sparsity_report(ModelView(self.view.model, self.view.layers_path, [layer]), self.pattern)
+            self.sparsity_layers.append(sp["layers"][0])
+            self.counts["zeros"] += sp["zeros"]
+            self.counts["weights"] += sp["weights"]
+            self.counts["nm_valid"] = self.counts["nm_valid"] and sp.get("nm_valid", True)
         self.reports.append(report)
         if hidden is not None:
-            _save_hidden_atomic(hidden, self.work / f"hidden-{i:05d}.pt")
-        write_json_atomic(self.work / PROGRESS_NAME, {
+            _save_torch_atomic([h.detach().cpu().contiguous() for h in hidden], self.work / f"hidden-{i:05d}.pt")
+        write_json_atomic(self.progress, {
             "settings": self.settings, "layers_done": i + 1, "reports": self.reports,
             "sparsity_layers": self.sparsity_layers, "counts": self.counts,
         })
         (self.work / f"hidden-{i - 1:05d}.pt").unlink(missing_ok=True)
-        if os.environ.get(_KILL_AFTER) == str(i):
+        if os.environ.get(_KILL_AFTER) == (str(i) if self.observer is None else f"observe:{i}"):
             os.kill(os.getpid(), signal.SIGKILL)
         if hidden is None:
             return None
@@ -185,9 +213,11 @@ class StreamingStore(LayerStore):
             size += final.stat().st_size
         write_json_atomic(self.work / INDEX_NAME, {"metadata": {"total_size": size},
                                                    "weight_map": dict(sorted(weight_map.items()))})
-        for path in self.work.glob("hidden-*.pt"):
-            path.unlink()
+        for pattern in ("hidden-*.pt", "state-*.pt"):
+            for path in self.work.glob(pattern):
+                path.unlink()
 
     def discard_progress(self) -> None:
-        """The run is complete in the work folder: drop the resume record before it becomes the output."""
+        """The run is complete in the work folder: drop the resume records before it becomes the output."""
+        (self.work / OBSERVE_PROGRESS_NAME).unlink(missing_ok=True)
         (self.work / PROGRESS_NAME).unlink()

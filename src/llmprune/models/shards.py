@@ -269,6 +269,7 @@ def empty_model(folder: Path, dtype: torch.dtype) -> nn.Module:
     config = AutoConfig.from_pretrained(str(folder))
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # from_config leaves tied embeddings as two meta tensors; count and load them as one
     return model.eval()
 
 
