@@ -410,6 +410,7 @@ def _remove_structure_streamed(plan: _Plan, view: ModelView, reader: ShardReader
     else:
         layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=torch.device("cpu"),
                                       batch_size=plan.recipe.calib.batch_size, progress=progress, store=observing)
+    observing.close()
     method.plan_removal(view)
     for layer in view.layers[:store.start]:  # written before an interruption: only their shapes change here
         method.apply_removal_shape(layer)

@@ -9,10 +9,10 @@ memory 4-7 ms; a streamed layer step of a 7B-shaped model spent over a second in
 
 :func:`heap_allocations` turns ``mmap`` off for the duration of a run (``mallopt(M_MMAP_MAX, 0)``)
 and keeps freed memory in the heap (``M_TRIM_THRESHOLD``), so temporaries reuse pages already
-faulted in; :meth:`Heap.trim` (``malloc_trim(0)``, after every layer) gives every free page back to
-the system, so peak memory stays that of one layer's working set (the streamed 4-layer run of 7B
-widths: 2177 MB peak RSS, against 3758 MB without the per-layer trim and 2068 MB with plain mmap).
-Leaving the block restores glibc's defaults.
+faulted in; :meth:`Heap.trim` (called after every layer) gives the free pages back to the system
+(``malloc_trim(0)``) once resident memory grew :data:`FREE_BUDGET` past what it was after the last
+return, so memory stays bounded by a layer's working set plus that budget. Leaving the block
+restores glibc's defaults and returns the free pages.
 
 Alternatives measured and not taken: PyTorch's ``THP_MEM_ALLOC_ENABLE=1`` (2 MB pages for its
 allocations) must be set before torch is imported and was erratic on these virtual machines (the
@@ -39,6 +39,19 @@ ENV = "LLMPRUNE_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
 _KEEP_FREED = 2**31 - 1  # trim threshold while active: never trim on free, only in Heap.trim
+# Growth of resident memory tolerated between returns of free pages: the next layer reuses freed
+# memory without faulting it in again (returning it after every layer made a streamed step of a
+# 7B-shaped model re-fault its whole working set, seconds per 4 layers).
+FREE_BUDGET = 1 << 30
+
+
+def _rss_bytes() -> int | None:
+    """This process's resident set size now (Linux ``/proc/self/statm``), None where unknown."""
+    try:
+        with open("/proc/self/statm", encoding="ascii") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 class Heap:
@@ -46,11 +59,19 @@ class Heap:
 
     def __init__(self, libc: ctypes.CDLL | None) -> None:
         self._libc = libc
-        self.policy = "glibc heap (mmap off, trimmed after each layer)" if libc is not None else "system default"
+        self._baseline: int | None = None  # resident bytes right after the last trim
+        self.policy = (f"glibc heap (mmap off; freed pages returned once resident memory grew "
+                       f"{FREE_BUDGET >> 20} MB past the last return)" if libc is not None else "system default")
 
-    def trim(self) -> None:
-        if self._libc is not None:
+    def trim(self, force: bool = False) -> None:
+        """Give the heap's free pages back to the system (``malloc_trim(0)``) when resident memory
+        grew more than :data:`FREE_BUDGET` since the last time (always with ``force``)."""
+        if self._libc is None:
+            return
+        rss = _rss_bytes()
+        if force or rss is None or self._baseline is None or rss > self._baseline + FREE_BUDGET:
             self._libc.malloc_trim(0)
+            self._baseline = _rss_bytes()
 
 
 _depth = 0  # nested runs (e.g. a sweep's) share the outermost block's setting
@@ -86,7 +107,7 @@ def heap_allocations() -> Iterator[Heap]:
         if _depth == 0:
             libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_TRIM_THRESHOLD)
             libc.mallopt(_M_MMAP_MAX, _DEFAULT_MMAP_MAX)
-            heap.trim()
+            heap.trim(force=True)
 
 
 def malloc_policy() -> str:

@@ -21,11 +21,13 @@ passes resume.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
 import signal
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -89,6 +91,8 @@ class StreamingStore(LayerStore):
         self.view, self.reader, self.work, self.settings = view, reader, work, settings
         self.dtype, self.pattern, self.observer = dtype, pattern, observer
         self.progress = work / (OBSERVE_PROGRESS_NAME if observer is not None else PROGRESS_NAME)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmprune-writer")
+        self._pending: Future[None] | None = None
         self.start = 0
         self.reports: list[dict[str, Any]] = []
         self.sparsity_layers: list[dict[str, Any]] = []
@@ -156,13 +160,23 @@ class StreamingStore(LayerStore):
             layer.module.to("meta")
 
     def done(self, layer: DecoderLayer, report: dict[str, Any], hidden: list[Tensor] | None) -> list[Tensor] | None:
+        """Record ``layer`` as done: its shard (or, observing, the method's record of it), its report,
+        the next layer's inputs, then the progress record.
+
+        The shard and the progress record are written by a background thread while the engine goes
+        on with the next layer (at most one layer in flight: the next call waits for it), so the
+        disk's time is hidden behind compute. The progress record names a layer only once its shard
+        is complete, so a run killed at any moment resumes correctly.
+        """
         i = layer.index
+        self.wait()
+        shard = None
         if self.observer is not None:
             _save_torch_atomic(self.observer.layer_state(i), self.work / _state_file(i))
         else:
-            prefix = f"{self.layer_prefix}{i}."
-            _save_safetensors_atomic({prefix + k: v for k, v in layer.module.state_dict().items()},
-                                     self.work / _layer_shard(i))
+            # Detached references: the layer goes back to the meta device when this returns, the
+            # tensors stay alive for the writer.
+            shard = {f"{self.layer_prefix}{i}.{k}": v for k, v in layer.module.state_dict().items()}
             sp = sparsity_report(ModelView(self.view.model, self.view.layers_path, [layer]), self.pattern)
             self.sparsity_layers.append(sp["layers"][0])
             self.counts["zeros"] += sp["zeros"]
@@ -171,16 +185,34 @@ class StreamingStore(LayerStore):
         self.reports.append(report)
         if hidden is not None:
             _save_torch_atomic([h.detach().cpu().contiguous() for h in hidden], self.work / f"hidden-{i:05d}.pt")
-        write_json_atomic(self.progress, {
+        progress = copy.deepcopy({
             "settings": self.settings, "layers_done": i + 1, "reports": self.reports,
             "sparsity_layers": self.sparsity_layers, "counts": self.counts,
         })
-        (self.work / f"hidden-{i - 1:05d}.pt").unlink(missing_ok=True)
-        if os.environ.get(_KILL_AFTER) == (str(i) if self.observer is None else f"observe:{i}"):
-            os.kill(os.getpid(), signal.SIGKILL)
+        self._pending = self._writer.submit(self._record, i, shard, progress)
         if hidden is None:
             return None
         return torch.load(self.work / f"hidden-{i:05d}.pt", mmap=True)
+
+    def _record(self, i: int, shard: dict[str, Tensor] | None, progress: dict[str, Any]) -> None:
+        """The writer thread's part of :meth:`done`."""
+        if shard is not None:
+            _save_safetensors_atomic(shard, self.work / _layer_shard(i))
+        write_json_atomic(self.progress, progress)
+        (self.work / f"hidden-{i - 1:05d}.pt").unlink(missing_ok=True)
+        if os.environ.get(_KILL_AFTER) == (str(i) if self.observer is None else f"observe:{i}"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    def wait(self) -> None:
+        """Until the last layer handed to the writer is recorded (its error, if any, raised here)."""
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the writer and stop it."""
+        self.wait()
+        self._writer.shutdown(wait=True)
 
     # --- the end of the run ---------------------------------------------------------------------
 
@@ -199,6 +231,8 @@ class StreamingStore(LayerStore):
         """Turn the work folder into a checkpoint: final shard names and an index (idempotent, so a run
         killed here finishes on the next try). The resume record stays until :meth:`discard_progress`."""
         from safetensors import safe_open
+
+        self.close()
 
         names = [OUTSIDE_SHARD] + [_layer_shard(i) for i in range(len(self.view.layers))]
         weight_map: dict[str, str] = {}
