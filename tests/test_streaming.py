@@ -217,6 +217,34 @@ def test_missing_or_corrupt_shard(calib_file: Path, tmp_path: Path) -> None:
     assert not out.exists() and not partial_dir(out).exists()
 
 
+def test_a_failed_shard_write_stops_the_run_and_resumes(calib_file: Path, tmp_path: Path,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from llmprune.engine import streaming
+
+    src = sharded_model(tmp_path, "llama", layers=4)
+    out = tmp_path / "out"
+    real = streaming._save_safetensors_atomic
+
+    def disk_full_at_layer_1(tensors: dict, path: Path) -> None:
+        if path.name == "layer-00001.safetensors":
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        real(tensors, path)
+
+    monkeypatch.setattr(streaming, "_save_safetensors_atomic", disk_full_at_layer_1)
+    with pytest.raises(OSError, match="No space left on device"):  # raised from the writer thread
+        llmprune.prune(str(src), output=str(out), stream="on", **prune_args(calib_file))
+    work = partial_dir(out)
+    assert not out.exists() and json.loads((work / PROGRESS_NAME).read_text())["layers_done"] == 1
+    assert not (work / "layer-00001.safetensors").exists()
+    monkeypatch.setattr(streaming, "_save_safetensors_atomic", real)
+    resumed = llmprune.prune(str(src), output=str(out), stream="on", **prune_args(calib_file))
+    assert resumed.report["streaming"]["resumed_at_layer"] == 1
+    llmprune.prune(str(src), output=str(tmp_path / "mem"), stream="off", **prune_args(calib_file))
+    assert_same_tensors(tmp_path / "mem", out)
+
+
 def test_not_enough_disk_is_refused_before_work(calib_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     src = sharded_model(tmp_path, "llama")
     usage = namedtuple("usage", "total used free")
