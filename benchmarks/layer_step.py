@@ -60,7 +60,11 @@ def measure(repeats: int) -> dict[str, Any]:
         fn()
         times.setdefault(name, []).append(time.perf_counter() - start)
 
-    with torch.no_grad():
+    try:  # the engine's allocation policy (llmprune.engine.heap), where this checkout has it
+        from llmprune.engine.heap import heap_allocations
+    except ImportError:
+        from contextlib import nullcontext as heap_allocations  # type: ignore[assignment]
+    with torch.no_grad(), heap_allocations():
         per_window = capture_layer_inputs(model, view.layer_list, list(ids.split(1)), device=cpu, cache_device=cpu)
         one_batch = capture_layer_inputs(model, view.layer_list, [ids], device=cpu, cache_device=cpu)
         ctx = LayerContext(layer, cpu, cpu, per_window.hidden, per_window.args[0], per_window.kwargs[0])
