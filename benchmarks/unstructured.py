@@ -51,7 +51,10 @@ BARBER_EXTRAS: dict[str, list[dict[str, Any]]] = {  # beyond the presets, per pa
            # the paired N:M rule (every swap raises the score inside its M-group)
            {"init": "wanda", "granularity": "output", "ratio": 0.1, "nm_rule": "paired"},
            {"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "retain_reconstruction": True,
-            "nm_rule": "paired"}],
+            "nm_rule": "paired"},
+           # the presets' coarse granularities with the paired rule
+           {"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "nm_rule": "paired"},
+           {"init": "magnitude", "granularity": "block", "ratio": 0.1, "nm_rule": "paired"}],
 }
 BARBER_PRESETS = {  # LLM-Barber's reference hyper-parameters per initializer
     "magnitude": {"granularity": "block", "ratio": 0.1},

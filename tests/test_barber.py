@@ -275,3 +275,23 @@ def test_guard_keeps_the_initializer_where_rebuilding_hurts() -> None:
         if name.startswith("0.self_attn"):
             assert torch.equal(w, weights_of(init)[name]), name  # the initializer's sub-block, bit for bit
         assert int((w == 0).sum()) == int((weights_of(init)[name] == 0).sum()), name
+
+
+def test_nm_rule_auto_is_the_papers_rule_at_output_and_paired_at_layer_and_block() -> None:
+    assert BarberOptions().nm_rule == "reference"  # output granularity: the paper's N:M rule
+    assert BarberOptions(granularity="layer").nm_rule == "paired"
+    assert BarberOptions(granularity="block", nm_rule="auto").nm_rule == "paired"
+    assert BarberOptions(granularity="block", nm_rule="reference").nm_rule == "reference"  # asked for: kept
+    assert BarberOptions(granularity="output", nm_rule="paired").nm_rule == "paired"
+    with pytest.raises(ValueError):
+        BarberOptions(nm_rule="greedy")
+    # The resolved rule is what a run records, and what it applies.
+    ids = calib()
+    auto = Barber(TWO_FOUR, BarberOptions(init="magnitude", granularity="layer", ratio=0.5))
+    assert auto.options.nm_rule == "paired"
+    a, b = tiny_model("llama"), tiny_model("llama")
+    prune(a, auto, ids)
+    prune(b, Barber(TWO_FOUR, BarberOptions(init="magnitude", granularity="layer", ratio=0.5, nm_rule="paired")), ids)
+    assert any(not torch.equal(pa, pd) for pa, pd in zip(a.parameters(), tiny_model("llama").parameters(), strict=True))
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(pa, pb)
