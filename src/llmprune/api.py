@@ -256,7 +256,7 @@ def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.
 _STREAM_MEMORY_FRACTION = 0.5  # stream=auto streams a checkpoint larger than this share of available memory
 
 
-def _layer_local(cls: type[Method]) -> bool:
+def _streamable(cls: type[Method]) -> bool:
     """Whether a method is done with each layer once the engine leaves it (one streamed pass), or
     removes structure by a plan made from per-layer records (two streamed passes, ChannelMethod)."""
     if issubclass(cls, ChannelMethod):
@@ -268,7 +268,7 @@ def _stream_unsupported(plan: _Plan) -> list[str]:
     """Why this run cannot be streamed (empty: it can)."""
     rec, method = plan.recipe, plan.method
     reasons = []
-    if not _layer_local(type(method)):
+    if not _streamable(type(method)):
         reasons.append(f"method {method.name} needs all layers before it removes anything (streaming supports "
                        f"{', '.join(streamable_methods())})")
     if rec.eval.datasets or rec.eval.tasks:
@@ -280,7 +280,7 @@ def _stream_unsupported(plan: _Plan) -> list[str]:
 
 
 def streamable_methods() -> list[str]:
-    return [name for name in METHODS.names() if _layer_local(METHODS.get(name))]
+    return [name for name in METHODS.names() if _streamable(METHODS.get(name))]
 
 
 def _stream_source(plan: _Plan) -> Path | None:

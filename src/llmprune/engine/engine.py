@@ -275,8 +275,9 @@ def run_layerwise(
     ``store`` decides where the layers live (default: all in memory); a streaming store loads one
     layer at a time and may resume after ``store.start`` layers.
 
-    Large temporaries come from the heap during the run and are given back after every layer
-    (:mod:`llmprune.engine.heap`), which spares the page faults of fresh ``mmap`` allocations.
+    Large temporaries come from the heap during the run, and freed pages are given back between
+    layers once resident memory has grown enough (:mod:`llmprune.engine.heap`), which spares the
+    page faults of fresh ``mmap`` allocations.
     """
     cache_device = cache_device or device
     store = store or LayerStore()
@@ -322,7 +323,7 @@ def run_layerwise(
                 hidden = store.done(layer, report, hidden)
             reports.append(report)
             inputs.args[layer.index], inputs.kwargs[layer.index] = [], []  # free what this layer needed
-            heap.trim()  # the freed layer's memory goes back to the system (see heap)
+            heap.trim()  # free pages go back to the system once memory grew past the budget (see heap)
     return reports
 
 

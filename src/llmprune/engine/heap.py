@@ -5,8 +5,9 @@ the activations of a layer's MLP (4096 tokens x 11008 x bf16 = 90 MB for a 7B la
 every allocation above its mmap threshold (at most 32 MB) with a fresh ``mmap`` and returns it with
 ``munmap``, so every such temporary is paid again in page faults. Measured on this project's 2-core
 machines: a fresh float32 copy of a bf16 4096 x 11008 matrix 42-47 ms, the same copy into reused
-memory 4-7 ms. In a streamed Wanda run of 4 layers of 7B widths (``sequential=linear``), the layer
-steps took 4.7-6.0 s with plain ``mmap`` and 2.9-3.4 s from the heap (single runs).
+memory 4-7 ms. In streamed Wanda runs of 4 layers of 7B widths (``sequential=linear``), the layer
+steps took 4.6-6.0 s with plain ``mmap`` and 2.9-4.3 s with the heap set up for the whole process
+(two runs each).
 
 :func:`heap_allocations` turns ``mmap`` off for the duration of a run (``mallopt(M_MMAP_MAX, 0)``)
 and keeps freed memory in the heap (``M_TRIM_THRESHOLD``), so temporaries reuse pages already
@@ -40,7 +41,7 @@ _KEEP_FREED = 2**31 - 1  # trim threshold while active: never trim on free, only
 # Growth of resident memory tolerated between returns of free pages: the next layer reuses freed
 # memory without faulting it in again. Returning it after every layer made every layer fault its
 # working set in again: the 4-layer run above took 18.9 s with a return after every layer, 14.0 s
-# with none (single runs on a noisy machine); the budget bounds memory between the two.
+# with none (single runs under cProfile, on a noisy machine); the budget bounds memory between the two.
 FREE_BUDGET = 1 << 30
 
 

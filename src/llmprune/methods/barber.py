@@ -80,8 +80,8 @@ class BarberOptions(MethodOptions):
         "output", description="comparison group of the swap rule")
     score: Literal["W", "D", "WD"] = Field("WD", description="W=|W|, D=sqrt(mean g^2), WD=their product")
     retain_reconstruction: bool = Field(False, description="kept weights keep the initializer's values")
-    nm_rule: Literal["reference", "paired"] = Field(
-        "reference", description="N:M only: reference = the paper's rule; paired = swap the best pruned and "
+    nm_rule: Literal["auto", "reference", "paired"] = Field(
+        "auto", description="N:M only: reference = the paper's rule; paired = swap the best pruned and "
         "the worst kept weight of one M-group, only where that raises the score (an llmprune extension); "
         "auto (the default) = reference at output granularity, paired at layer and block")
     guard: bool = Field(False, description="keep the initializer's sub-block when rebuilding raises its calibration "

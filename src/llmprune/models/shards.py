@@ -23,12 +23,12 @@ from ..errors import LLMPruneError
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 
-_DTYPE_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
-                "F8_E4M3": 1, "F8_E5M2": 1}
 _TORCH_DTYPE_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
                       torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
                       torch.uint8: "U8", torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3",
                       torch.float8_e5m2: "F8_E5M2"}
+_TORCH_DTYPES = {name: dtype for dtype, name in _TORCH_DTYPE_NAMES.items()}
+_DTYPE_BYTES = {name: dtype.itemsize for dtype, name in _TORCH_DTYPE_NAMES.items()}
 
 # safetensors' Dtype order (its Rust enum); save_file writes tensors in reverse of it, then by name
 _WRITE_ORDER = ["BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "I16", "F16", "BF16", "I32", "F32", "F64", "I64"]
@@ -46,15 +46,15 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike[
     multiple of 8, then the data, tensors in safetensors' own order (by dtype, widest first, then
     name), so the file is byte-identical to ``save_file``'s. Readers: any safetensors reader.
     """
-    items = sorted(tensors.items(), key=lambda kv: (-_WRITE_ORDER.index(_TORCH_DTYPE_NAMES.get(kv[1].dtype, "BOOL")),
-                                                    kv[0]))
+    for name, t in tensors.items():
+        if t.dtype not in _TORCH_DTYPE_NAMES:
+            raise LLMPruneError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
+    items = sorted(tensors.items(), key=lambda kv: (-_WRITE_ORDER.index(_TORCH_DTYPE_NAMES[kv[1].dtype]), kv[0]))
     header: dict[str, Any] = {}
     if metadata:
         header["__metadata__"] = metadata
     offset = 0
     for name, t in items:
-        if t.dtype not in _TORCH_DTYPE_NAMES:
-            raise LLMPruneError(f"tensor {name} has dtype {t.dtype}, which safetensors cannot store")
         size = t.numel() * t.element_size()
         header[name] = {"dtype": _TORCH_DTYPE_NAMES[t.dtype], "shape": list(t.shape),
                         "data_offsets": [offset, offset + size]}
@@ -76,7 +76,7 @@ _DIRECT_ALIGN = 4096  # O_DIRECT wants buffer address, file offset and length in
 
 def _write_direct(path: str | os.PathLike[str], parts: list[Any]) -> bool:
     """Write the concatenation of ``parts`` (bytes-like) to ``path`` with ``O_DIRECT``; False where
-    the system or file system does not offer it (then nothing was written and the caller writes).
+    the system or file system does not offer it (the caller then writes the whole file again).
 
     Buffered writes of a 7B model's shards cost more CPU than the pruning around them on this
     project's virtual machines: ``dd`` of 2 GB took 5.1 s (all of it system time) through the page
@@ -127,9 +127,6 @@ def _write_direct(path: str | os.PathLike[str], parts: list[Any]) -> bool:
         view.release()
         stage.close()
     return True
-
-
-_TORCH_DTYPES = {v: k for k, v in _TORCH_DTYPE_NAMES.items()}
 
 
 def _read_tensors(fh: Any, names: list[str]) -> dict[str, torch.Tensor]:
