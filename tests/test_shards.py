@@ -75,6 +75,9 @@ def test_heap_policy_nests_and_reports(monkeypatch: pytest.MonkeyPatch) -> None:
             inner.trim()
         assert outer.policy == expected
     assert heap._depth == 0
+    monkeypatch.setenv(heap.ENV, "off")
+    with pytest.raises(LLMPruneError, match="LLMPRUNE_MALLOC='off' is not a setting; use LLMPRUNE_MALLOC=heap"):
+        heap.malloc_policy()
     monkeypatch.setenv(heap.ENV, "default")
     assert heap.malloc_policy() == "system default"
     with heap.heap_allocations() as off:

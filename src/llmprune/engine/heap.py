@@ -34,6 +34,8 @@ import platform
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+from ..errors import LLMPruneError
+
 ENV = "LLMPRUNE_MALLOC"
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4  # mallopt parameters, <malloc.h>
 _DEFAULT_TRIM_THRESHOLD, _DEFAULT_MMAP_MAX = 128 * 1024, 65536  # glibc's defaults
@@ -78,7 +80,11 @@ _depth = 0  # nested runs (e.g. a sweep's) share the outermost block's setting
 
 
 def _glibc() -> ctypes.CDLL | None:
-    if os.environ.get(ENV, "heap") == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    setting = os.environ.get(ENV, "heap")
+    if setting not in ("heap", "default"):
+        raise LLMPruneError(f"{ENV}={setting!r} is not a setting; use {ENV}=heap (the default: large allocations "
+                            f"from the heap during a run) or {ENV}=default (the system allocator's behaviour)")
+    if setting == "default" or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
