@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from llmprune.engine import heap
 from llmprune.errors import LLMPruneError
-from llmprune.models.shards import ShardReader, write_safetensors
+from llmprune.models.shards import SINGLE_NAME, BufferPool, ShardReader, write_safetensors
 
 
 def tensors() -> dict[str, torch.Tensor]:
@@ -99,3 +99,59 @@ def test_direct_writer_is_byte_identical(chunk: int, tmp_path: Path, monkeypatch
     write_safetensors(ts, tmp_path / "direct.safetensors", metadata={"format": "pt"})
     save_file({k: v.contiguous() for k, v in ts.items()}, str(tmp_path / "ref.safetensors"), metadata={"format": "pt"})
     assert (tmp_path / "direct.safetensors").read_bytes() == (tmp_path / "ref.safetensors").read_bytes()
+
+
+def test_buffer_pool_recycles_only_unshared_tensors(tmp_path: Path) -> None:
+    pool = BufferPool()
+    free, viewed, held = torch.zeros(4, 8), torch.zeros(4, 8), torch.zeros(4, 8)
+    alias = viewed[1:]  # another tensor on the same storage
+    kept_elsewhere = [held]
+    free_ptr = free.data_ptr()
+    given = [free, viewed, held, torch.zeros(16)[4:]]  # the last is an offset view of a larger storage
+    del free  # only the list holds it now
+    pool.give(given)
+    assert given == []
+    assert pool.nbytes == 4 * 8 * 4  # only the unshared one
+    assert pool.take((4, 8), torch.bfloat16) is None and pool.take((8, 4), torch.float32) is None
+    got = pool.take((4, 8), torch.float32)
+    assert got is not None and got.data_ptr() == free_ptr and pool.take((4, 8), torch.float32) is None
+    assert alias.data_ptr() and kept_elsewhere  # still alive: they were never in the pool
+
+    # the reader fills a pooled buffer completely: the result equals a fresh read
+    save_file({"a": torch.arange(32.0).reshape(4, 8), "b": torch.ones(3)}, str(tmp_path / SINGLE_NAME))
+    reader = ShardReader.open(tmp_path)
+    given = [got]
+    del got
+    pool.give(given)
+    loaded = reader.load(["a", "b"], pool)
+    assert loaded["a"].data_ptr() == free_ptr and pool.nbytes == 0
+    assert torch.equal(loaded["a"], torch.arange(32.0).reshape(4, 8)) and torch.equal(loaded["b"], torch.ones(3))
+
+
+def test_heap_returns_pages_only_past_the_warm_up_mark(monkeypatch: pytest.MonkeyPatch) -> None:
+    class Libc:
+        calls = 0
+
+        def malloc_trim(self, pad: int) -> int:
+            Libc.calls += 1
+            rss[0] = after_trim[0]
+            return 1
+
+    gb = heap.FREE_BUDGET
+    rss, after_trim = [0], [0]
+    monkeypatch.setattr(heap, "_rss_bytes", lambda: rss[0])
+    h = heap.Heap(Libc())  # type: ignore[arg-type]
+    assert heap.WARMUP == 2
+    steps = [(3 * gb, 0, False), (2.5 * gb, 0, False),  # warm-up: the mark is the larger, 3
+             (2 * gb, 0, False), (3.9 * gb, 0, False), (3.9 * gb, 0, False),  # growth within the budget is kept
+             (4.5 * gb, 2.5 * gb, True),  # past it: returned; what is left (2.5) does not lower the mark
+             (3.9 * gb, 0, False),  # so the same working set again is kept, not returned every layer
+             (4.5 * gb, 4.2 * gb, True),  # 4.2 still in use after a return: the mark rises to it
+             (5.1 * gb, 0, False), (5.3 * gb, 4.3 * gb, True)]
+    for value, left, trimmed in steps:
+        rss[0], after_trim[0], before = int(value), int(left), Libc.calls
+        h.trim()
+        assert (Libc.calls > before) is trimmed, value / gb
+    assert h._high == int(4.3 * gb) and h.trims == 3
+    h.trim(force=True)
+    assert Libc.calls == 4

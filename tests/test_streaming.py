@@ -227,10 +227,10 @@ def test_a_failed_shard_write_stops_the_run_and_resumes(calib_file: Path, tmp_pa
     out = tmp_path / "out"
     real = streaming._save_safetensors_atomic
 
-    def disk_full_at_layer_1(tensors: dict, path: Path) -> None:
+    def disk_full_at_layer_1(tensors: dict, path: Path, stage: object = None) -> None:
         if path.name == "layer-00001.safetensors":
             raise OSError(errno.ENOSPC, "No space left on device", str(path))
-        real(tensors, path)
+        real(tensors, path, stage)
 
     monkeypatch.setattr(streaming, "_save_safetensors_atomic", disk_full_at_layer_1)
     with pytest.raises(OSError, match="No space left on device"):  # raised from the writer thread

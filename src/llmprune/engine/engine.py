@@ -240,6 +240,9 @@ class LayerStore:
         """The inputs of layer ``start`` saved by an interrupted run, if any."""
         return None
 
+    def inputs_captured(self) -> None:
+        """Called once the layers' inputs are recorded (the modules before the first layer have run)."""
+
     @contextmanager
     def loaded(self, layer: DecoderLayer) -> Iterator[None]:
         """Keep ``layer``'s weights materialised for the block."""
@@ -305,6 +308,7 @@ def run_layerwise(
         batches = [calib_ids] if linear_sequential else list(calib_ids.split(batch_size))
         with _outside_layers_onloaded(model, view.layer_list, device):
             inputs = capture_layer_inputs(model, view.layer_list, batches, device=device, cache_device=cache_device)
+        store.inputs_captured()
         resumed = store.resumed_hidden()
         hidden = inputs.hidden if resumed is None else resumed
         dense = method.propagate == "dense"

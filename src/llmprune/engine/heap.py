@@ -45,6 +45,7 @@ _KEEP_FREED = 2**31 - 1  # trim threshold while active: never trim on free, only
 # working set in again: the 4-layer run above took 18.9 s with a return after every layer, 14.0 s
 # with none (single runs under cProfile, on a noisy machine); the budget bounds memory between the two.
 FREE_BUDGET = 1 << 30
+WARMUP = 2  # layers whose resident memory sets the mark the budget is counted from
 
 
 def _rss_bytes() -> int | None:
@@ -61,19 +62,34 @@ class Heap:
 
     def __init__(self, libc: ctypes.CDLL | None) -> None:
         self._libc = libc
-        self._baseline: int | None = None  # resident bytes right after the last trim
-        self.policy = (f"glibc heap (mmap off; freed pages returned once resident memory grew "
-                       f"{FREE_BUDGET >> 20} MB past the last return)" if libc is not None else "system default")
+        self._checks = 0
+        self._high = 0  # resident memory of the warm-up layers, or what was left in use after a return
+        self.trims = 0
+        self.policy = (f"glibc heap (mmap off; freed pages returned once resident memory exceeds the first "
+                       f"{WARMUP} layers' by {FREE_BUDGET >> 20} MB)" if libc is not None else "system default")
 
     def trim(self, force: bool = False) -> None:
         """Give the heap's free pages back to the system (``malloc_trim(0)``) when resident memory
-        grew more than :data:`FREE_BUDGET` since the last time (always with ``force``)."""
+        exceeds the mark by more than :data:`FREE_BUDGET` (always with ``force``).
+
+        The mark is the most resident memory seen after the first :data:`WARMUP` layers (by then
+        a streamed run holds everything it holds in its steady state: a layer being written, one
+        being pruned, their buffers); later it only rises to what is still in use right after a
+        return. So layers that need the same working set reuse it without faulting it in again,
+        and memory that keeps growing (fragmentation of the heap) is returned once it exceeds the
+        budget: memory stays bounded by the warm-up's plus the budget, unless more is truly in use.
+        """
         if self._libc is None:
             return
         rss = _rss_bytes()
-        if force or rss is None or self._baseline is None or rss > self._baseline + FREE_BUDGET:
+        self._checks += 1
+        if force or rss is None or (self._checks > WARMUP and rss > self._high + FREE_BUDGET):
             self._libc.malloc_trim(0)
-            self._baseline = _rss_bytes()
+            self.trims += 1
+            rss = _rss_bytes()  # what is left in use after returning the free pages
+            self._high = max(self._high, rss or 0)
+        elif self._checks <= WARMUP:
+            self._high = max(self._high, rss)
 
 
 _depth = 0  # nested runs (e.g. a sweep's) share the outermost block's setting

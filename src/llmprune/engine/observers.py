@@ -14,6 +14,7 @@ from torch import Tensor
 from ..sparsity.bits import all_finite
 
 STATS_DTYPE = torch.float32
+_CHUNK_ELEMENTS = 1 << 22  # rows of an input converted to float32 at a time: 16 MB
 
 
 class InputStats:
@@ -53,14 +54,22 @@ class InputStats:
         return ((sq - self._sum.pow(2) / n) / (n - 1)).clamp_min(0.0).to(STATS_DTYPE)
 
     def update(self, x: Tensor) -> None:
-        x = x.detach().reshape(-1, self.in_features).to(STATS_DTYPE)
+        """Add the tokens of ``x`` (..., in_features), a few rows at a time.
+
+        Each chunk's float32 copy and its squares are small temporaries (about 16 MB), instead of two
+        float32 copies of the whole input: for the MLP down projection of a 7B layer with 8 x 512
+        tokens those were 2 x 180 MB, allocated and freed for every linear of every layer.
+        """
+        x = x.detach().reshape(-1, self.in_features)
         if not all_finite(x):
             self.nonfinite = True
             return
         self.tokens += x.shape[0]
-        if self._sum is not None:
-            self._sum.add_(x.sum(dim=0, dtype=torch.float64))
-        if self.hessian is not None:
-            self.hessian.addmm_(x.t(), x)
-        else:
-            self._sq_norm.add_(x.pow(2).sum(dim=0))
+        for chunk in x.split(max(1, _CHUNK_ELEMENTS // self.in_features)):
+            chunk = chunk.to(STATS_DTYPE)
+            if self._sum is not None:
+                self._sum.add_(chunk.sum(dim=0, dtype=torch.float64))
+            if self.hessian is not None:
+                self.hessian.addmm_(chunk.t(), chunk)
+            else:
+                self._sq_norm.add_(chunk.pow(2).sum(dim=0))
