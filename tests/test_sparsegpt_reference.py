@@ -107,3 +107,30 @@ def test_matrix_scope_count_matches_prune_mask() -> None:
     pattern = Pattern(0.7, scope="matrix")
     _, mask = sparsegpt_prune(weight, x.t() @ x, pattern, block_size=10)
     assert int(mask.sum()) == int(prune_mask(weight.abs(), pattern).sum()) == 21  # floor(30 * 0.7)
+
+
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_a_fixed_mask_reproduces_the_solver_s_own_choice(pattern: Pattern) -> None:
+    weight, _, hessian = make_problem(3)
+    new_w, mask = sparsegpt_prune(weight, hessian, pattern, block_size=16)
+    again, same = sparsegpt_prune(weight, hessian, Pattern(0.9), block_size=16, mask=mask)  # pattern not consulted
+    assert torch.equal(same, mask)
+    assert torch.equal(again, new_w)  # the same eliminations in the same order: bit for bit
+
+
+@pytest.mark.parametrize("block_size", [8, 32])
+def test_a_fixed_mask_is_reconstructed_as_the_reference_does(block_size: int) -> None:
+    weight, x, hessian = make_problem(4)
+    gen = torch.Generator().manual_seed(5)
+    mask = torch.rand(weight.shape, generator=gen) < 0.45  # any mask, not one the solver would pick
+    new_w, same = sparsegpt_prune(weight, hessian, Pattern(0.5), block_size=block_size, mask=mask)
+    ref_w, _ = sparsegpt_reference(weight.double().numpy(), hessian.double().numpy(), block_size=block_size,
+                                   damp=0.01, fixed_mask=mask.numpy())
+    assert torch.equal(same, mask) and torch.all(new_w[mask] == 0)
+    scale = float(weight.abs().max())
+    torch.testing.assert_close(new_w.double(), torch.from_numpy(ref_w), rtol=1e-4, atol=1e-4 * scale)
+    # The reconstruction lowers the layer's output error against keeping the dense values.
+    masked = weight.masked_fill(mask, 0.0)
+    assert float(((new_w - weight) @ x.t()).pow(2).sum()) < 0.9 * float(((masked - weight) @ x.t()).pow(2).sum())
+    with pytest.raises(ValueError, match="mask must be bool"):
+        sparsegpt_prune(weight, hessian, Pattern(0.5), mask=mask.float())

@@ -27,6 +27,7 @@ from .models.loading import (
     gguf_to_folder,
     load_model,
     pick_device,
+    pick_devices,
     pick_dtype,
     resolve_source,
 )
@@ -146,6 +147,7 @@ class _Plan:
     eval_sources: list[TextSource]
     tasks: PreparedTasks | None
     device: torch.device
+    extra_devices: tuple[torch.device, ...] = ()  # more devices that share the calibration forwards
 
 
 def _plan(rec: Recipe, tasks: PreparedTasks | None = None, check_output: bool = True) -> _Plan:
@@ -163,7 +165,8 @@ def _plan(rec: Recipe, tasks: PreparedTasks | None = None, check_output: bool = 
             )
     if tasks is None and rec.eval.tasks:
         tasks = prepare_tasks(rec.eval.tasks, data_dir=rec.data_dir, include_path=rec.eval.include_path)
-    return _Plan(rec, method, pattern, calib_source, eval_sources, tasks, pick_device(rec.model.device))
+    device, *extra = pick_devices(rec.model.device)
+    return _Plan(rec, method, pattern, calib_source, eval_sources, tasks, device, tuple(extra))
 
 
 def _dense_evaluation(plan: _Plan, net: Any, tok: Any, eval_tokens: dict[str, torch.Tensor], progress: bool) -> dict[str, Any]:
@@ -204,6 +207,7 @@ def _report_fields(plan: _Plan, net: Any, calib_ids: torch.Tensor | None, sparsi
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
         "device": str(plan.device),
+        **({"devices": [str(d) for d in (plan.device, *plan.extra_devices)]} if plan.extra_devices else {}),
         "versions": versions(),
     }
 
@@ -230,7 +234,8 @@ def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.
         report["statistics_reused"] = True
     else:
         layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=cache_device,
-                                      batch_size=rec.calib.batch_size, progress=progress)
+                                      batch_size=rec.calib.batch_size, progress=progress,
+                                      extra_devices=plan.extra_devices)
     structure = method.finalize(view)
     timings["prune_s"] = time.perf_counter() - t0
 
@@ -376,7 +381,8 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
                                                               store, progress)
     else:
         layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=torch.device("cpu"),
-                                      batch_size=rec.calib.batch_size, progress=progress, store=store)
+                                      batch_size=rec.calib.batch_size, progress=progress, store=store,
+                                      extra_devices=plan.extra_devices)
         structure = method.finalize(view)
     timings = {"load_s": load_s, "data_s": data_s, "prune_s": time.perf_counter() - t0}
     store.finish()
@@ -409,7 +415,8 @@ def _remove_structure_streamed(plan: _Plan, view: ModelView, reader: ShardReader
         layer_reports = [dict(r) for r in observing.reports]
     else:
         layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=torch.device("cpu"),
-                                      batch_size=plan.recipe.calib.batch_size, progress=progress, store=observing)
+                                      batch_size=plan.recipe.calib.batch_size, progress=progress, store=observing,
+                                      extra_devices=plan.extra_devices)
     observing.close()
     method.plan_removal(view)
     for layer in view.layers[:store.start]:  # written before an interruption: only their shapes change here

@@ -111,7 +111,7 @@ def prune(
     recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe; flags and --set override it"),
     set_: list[str] | None = typer.Option(None, "--set", help="override any recipe field: key=value"),
     dtype: str | None = typer.Option(None, "--dtype"),
-    device: str | None = typer.Option(None, "--device"),
+    device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda:N, or a list cuda:0,cuda:1 (all share the calibration forwards)"),
     batch_size: int | None = typer.Option(None, "--batch-size", help="calibration windows per forward"),
     stream: bool | None = typer.Option(None, "--stream/--no-stream", help="prune one layer at a time from the "
                                        "checkpoint's shards into the output, resumably (default: when it does not fit)"),

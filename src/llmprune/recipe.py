@@ -24,7 +24,8 @@ class _Strict(BaseModel):
 class ModelSpec(_Strict):
     name: str = "smollm2-135m"
     dtype: str = Field("auto", description="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
-    device: str = Field("auto", description="compute device: auto, cpu, cuda, cuda:1 ...")
+    device: str = Field("auto", description="compute device: auto, cpu, cuda, cuda:1 ..., or a comma-separated list "
+                        "(cuda:0,cuda:1): the first prunes, all share the calibration forwards")
     stream: Literal["auto", "on", "off"] = Field(
         "auto", description="load, prune and write one decoder layer at a time from the checkpoint's shards "
         "(resumable); auto: when the checkpoint is larger than half the available memory")

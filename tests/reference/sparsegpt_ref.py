@@ -63,14 +63,19 @@ def sparsegpt_reference(
     scope: str = "row",
     block_size: int = 128,
     damp: float = 0.01,
+    fixed_mask: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Return (new_weight float64, prune_mask bool). weight: (rows, cols); hessian: (cols, cols)."""
+    """Return (new_weight float64, prune_mask bool). weight: (rows, cols); hessian: (cols, cols).
+
+    ``fixed_mask`` (bool, True = prune): no selection; the columns are eliminated with that mask."""
     w = np.array(weight, dtype=np.float64, copy=True)
     rows, cols = w.shape
     h = damped_hessian(hessian, damp)
     d = elimination_diagonal(h)
     hinv = np.linalg.inv(h)  # inverse over the columns not yet eliminated (all of them, now)
-    mask = np.zeros((rows, cols), dtype=bool)
+    mask = np.zeros((rows, cols), dtype=bool) if fixed_mask is None else np.array(fixed_mask, dtype=bool)
+    if fixed_mask is not None:
+        sparsity, m = 0.0, None
 
     for j in range(cols):
         if m is None and j % block_size == 0 and sparsity > 0:

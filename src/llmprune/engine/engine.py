@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -23,6 +24,7 @@ from ..models.view import DecoderLayer, ModelView
 from ..sparsity.bits import all_finite
 from .capture import capture_layer_inputs, move_to
 from .context import calibration_mode
+from .devices import Replicas
 from .heap import heap_allocations
 from .observers import InputStats
 
@@ -81,29 +83,43 @@ class LayerContext:
     kwargs: list[dict[str, Any]] = field(default_factory=list)
     stats: dict[str, InputStats] = field(default_factory=dict)
     outputs: list[Tensor] | None = None  # the layer's dense outputs, when the method propagates dense
+    # Copies of the layer on the extra devices of a multi-device run: observe() and forward() split
+    # the batches over them (see engine.devices); everything else runs on ``device``.
+    replicas: Replicas | None = None
 
     @property
     def num_batches(self) -> int:
         return len(self.hidden)
 
-    def run_batch(self, b: int, module: nn.Module | None = None) -> Tensor:
-        """Forward calibration batch ``b`` through the layer (on ``device``)."""
+    def run_batch(self, b: int, module: nn.Module | None = None, device: torch.device | None = None) -> Tensor:
+        """Forward calibration batch ``b`` through the layer (or ``module``, on ``device``)."""
         module = module if module is not None else self.layer.module
+        device = device if device is not None else self.device
         out = module(
-            self.hidden[b].to(self.device),
-            *move_to(self.args[b], self.device),
-            **move_to(self.kwargs[b], self.device),
+            self.hidden[b].to(device),
+            *move_to(self.args[b], device),
+            **move_to(self.kwargs[b], device),
         )
         return layer_output(out)
 
     def forward(self) -> list[Tensor]:
         """Outputs of the layer, as it is now, for every calibration batch (on ``cache_device``)."""
-        outputs = []
-        for b in range(self.num_batches):
-            out = self.run_batch(b)
-            self._check_finite(out)
-            outputs.append(out.to(self.cache_device))
-        return outputs
+
+        def outputs_of(module: nn.Module, device: torch.device, batches: list[int]) -> dict[int, Tensor]:
+            out = {}
+            for b in batches:
+                y = self.run_batch(b, module, device)
+                self._check_finite(y)
+                out[b] = y.to(self.cache_device)
+            return out
+
+        if self.replicas is None:
+            return list(outputs_of(self.layer.module, self.device, list(range(self.num_batches))).values())
+        self.replicas.sync(self.layer.module)
+        merged: dict[int, Tensor] = {}
+        for part in self.replicas.run(self.layer.module, self.device, self.num_batches, outputs_of):
+            merged.update(part)
+        return [merged[b] for b in range(self.num_batches)]
 
     def _check_finite(self, out: Tensor) -> None:
         if not all_finite(out):
@@ -165,6 +181,50 @@ class LayerContext:
         if prune_now is not None and self.num_batches != 1:
             raise ValueError("observe(prune_now=...) needs all calibration windows in one batch")
         keep_outputs = keep_outputs or prune_now is not None
+        options = dict(hessian=hessian, keep_outputs=keep_outputs, prune_now=prune_now, moments=moments)
+        if self.replicas is None or prune_now is not None:
+            stats, outputs = self._observe_share(self.layer.module, self.device, list(range(self.num_batches)), **options)
+        else:  # the copies were made from the layer as it is now (observing comes before pruning)
+            parts = self.replicas.run(self.layer.module, self.device, self.num_batches,
+                                      lambda module, device, batches: self._observe_share(module, device, batches,
+                                                                                          **options))
+            stats, outputs = parts[0]
+            for other_stats, other_outputs in parts[1:]:
+                merged: set[int] = set()
+                for name, st in stats.items():  # shared objects (q/k/v) merged once
+                    if id(st) not in merged and name in other_stats:
+                        st.merge_(other_stats[name])
+                        merged.add(id(st))
+                for name, st in other_stats.items():  # a linear only another device's batches reached
+                    stats.setdefault(name, st)
+                outputs.update(other_outputs)
+        if keep_outputs:
+            self.outputs = [outputs[b] for b in range(self.num_batches)]
+        for name, st in stats.items():
+            if st.nonfinite:
+                raise LLMPruneError(
+                    f"NaN or inf in the input activations of layer {self.layer.index} {name}; "
+                    f"the model overflows in this dtype (try --set model.dtype=float32)"
+                )
+        missing = set(self.layer.linears) - set(stats)
+        if missing:
+            raise LLMPruneError(f"layer {self.layer.index}: linears {sorted(missing)} were never called in forward")
+        return stats
+
+    def _observe_share(
+        self,
+        module: nn.Module,
+        device: torch.device,
+        batches: list[int],
+        *,
+        hessian: bool,
+        keep_outputs: bool,
+        prune_now: Callable[[str, nn.Linear, InputStats], None] | None,
+        moments: bool,
+    ) -> tuple[dict[str, InputStats], dict[int, Tensor]]:
+        """:meth:`observe` of ``batches`` on ``module`` (the layer, or its copy on another device)."""
+        linears = self.layer.linears if module is self.layer.module else {
+            name: module.get_submodule(name) for name in self.layer.linears}
         stats: dict[str, InputStats] = {}
         source_of: dict[str, str] = {}
         live: dict[int, str] = {}  # id(input tensor) -> linear that accumulates it, within one batch
@@ -181,7 +241,7 @@ class LayerContext:
                         stats[name] = stats[owner]
                     else:
                         if name not in stats:
-                            stats[name] = InputStats(linear.in_features, hessian=hessian, device=self.device,
+                            stats[name] = InputStats(linear.in_features, hessian=hessian, device=device,
                                                      moments=moments)
                         stats[name].update(x)
                         live[id(x)] = name
@@ -189,40 +249,27 @@ class LayerContext:
                 seen.add(name)
                 if prune_now is not None:
                     prune_now(name, linear, stats[name])
-                if not keep_outputs and len(seen) == len(self.layer.linears):
+                if not keep_outputs and len(seen) == len(linears):
                     raise _Captured  # every statistic of this batch is in; the rest of the forward is not needed
 
             return hook
 
-        handles = [
-            lin.register_forward_pre_hook(make_hook(name, lin)) for name, lin in self.layer.linears.items()
-        ]
-        outputs: list[Tensor] = []
+        handles = [lin.register_forward_pre_hook(make_hook(name, lin)) for name, lin in linears.items()]
+        outputs: dict[int, Tensor] = {}
         try:
-            for b in range(self.num_batches):
+            for b in batches:
                 with suppress(_Captured):
-                    out = self.run_batch(b)
+                    out = self.run_batch(b, module, device)
                     if keep_outputs:
                         self._check_finite(out)
-                        outputs.append(out.to(self.cache_device))
+                        outputs[b] = out.to(self.cache_device)
                 live.clear()
                 keep_alive.clear()
                 seen.clear()
         finally:
             for handle in handles:
                 handle.remove()
-        if keep_outputs:
-            self.outputs = outputs
-        for name, st in stats.items():
-            if st.nonfinite:
-                raise LLMPruneError(
-                    f"NaN or inf in the input activations of layer {self.layer.index} {name}; "
-                    f"the model overflows in this dtype (try --set model.dtype=float32)"
-                )
-        missing = set(self.layer.linears) - set(stats)
-        if missing:
-            raise LLMPruneError(f"layer {self.layer.index}: linears {sorted(missing)} were never called in forward")
-        return stats
+        return stats, outputs
 
 
 class LayerStore:
@@ -263,6 +310,7 @@ def run_layerwise(
     batch_size: int = 1,
     progress: bool = False,
     store: LayerStore | None = None,
+    extra_devices: Sequence[torch.device] = (),
 ) -> list[dict[str, Any]]:
     """Prune every decoder layer of ``view`` with ``method``; return one report dict per layer.
 
@@ -277,6 +325,9 @@ def run_layerwise(
 
     ``store`` decides where the layers live (default: all in memory); a streaming store loads one
     layer at a time and may resume after ``store.start`` layers.
+
+    ``extra_devices``: more compute devices; the calibration batches of each layer's observing and
+    propagating forwards are split over ``device`` and these (:mod:`llmprune.engine.devices`).
 
     Large temporaries come from the heap during the run, and freed pages are given back between
     layers once resident memory has grown enough (:mod:`llmprune.engine.heap`), which spares the
@@ -312,22 +363,30 @@ def run_layerwise(
         resumed = store.resumed_hidden()
         hidden = inputs.hidden if resumed is None else resumed
         dense = method.propagate == "dense"
-        for layer in bar:
-            with store.loaded(layer):
-                with onloaded(layer.module, device):
-                    ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index],
-                                       inputs.kwargs[layer.index])
-                    if linear_sequential:
-                        report = _timed(ctx, lambda ctx=ctx: _prune_while_observing(method, ctx))
-                    else:
-                        if method.stats is not None or dense:
-                            ctx.stats = ctx.observe(**_stats_kind(method), keep_outputs=dense)
-                        report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
-                    hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
-                hidden = store.done(layer, report, hidden)
-            reports.append(report)
-            inputs.args[layer.index], inputs.kwargs[layer.index] = [], []  # free what this layer needed
-            heap.trim()  # free pages go back to the system once memory grew past the budget (see heap)
+        pool = ThreadPoolExecutor(len(extra_devices), thread_name_prefix="llmprune-device") if extra_devices else None
+        try:
+            for layer in bar:
+                with store.loaded(layer):
+                    with onloaded(layer.module, device):
+                        ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index],
+                                           inputs.kwargs[layer.index])
+                        if pool is not None and not linear_sequential:
+                            ctx.replicas = Replicas(layer.module, extra_devices, pool)
+                        if linear_sequential:
+                            report = _timed(ctx, lambda ctx=ctx: _prune_while_observing(method, ctx))
+                        else:
+                            if method.stats is not None or dense:
+                                ctx.stats = ctx.observe(**_stats_kind(method), keep_outputs=dense)
+                            report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
+                        hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
+                        ctx.replicas = None  # the copies go with this layer
+                    hidden = store.done(layer, report, hidden)
+                reports.append(report)
+                inputs.args[layer.index], inputs.kwargs[layer.index] = [], []  # free what this layer needed
+                heap.trim()  # free pages go back to the system once memory grew past the budget (see heap)
+        finally:
+            if pool is not None:
+                pool.shutdown(wait=True)
     return reports
 
 

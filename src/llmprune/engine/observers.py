@@ -73,3 +73,18 @@ class InputStats:
                 self.hessian.addmm_(chunk.t(), chunk)
             else:
                 self._sq_norm.add_(chunk.pow(2).sum(dim=0))
+
+    def merge_(self, other: InputStats) -> None:
+        """Add ``other``'s tokens (statistics of the same linear on other calibration batches, e.g. from
+        another device of a multi-device run) into these, in place."""
+        if other.in_features != self.in_features or (other.hessian is None) != (self.hessian is None) or (
+                other._sum is None) != (self._sum is None):
+            raise ValueError("merged statistics must be of the same linear and kind")
+        self.tokens += other.tokens
+        self.nonfinite = self.nonfinite or other.nonfinite
+        dev = self._sq_norm.device
+        self._sq_norm.add_(other._sq_norm.to(dev))
+        if self._sum is not None and other._sum is not None:
+            self._sum.add_(other._sum.to(dev))
+        if self.hessian is not None and other.hessian is not None:
+            self.hessian.add_(other.hessian.to(dev))

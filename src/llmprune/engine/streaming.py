@@ -37,7 +37,14 @@ from torch import Tensor, nn
 
 from ..errors import LLMPruneError
 from ..io.save import write_json_atomic
-from ..models.shards import INDEX_NAME, BufferPool, ShardReader, assign_tensors, staging_buffer, write_safetensors
+from ..models.shards import (
+    INDEX_NAME,
+    BufferPool,
+    ShardReader,
+    assign_tensors,
+    staging_buffer,
+    write_safetensors,
+)
 from ..models.view import DecoderLayer, ModelView, check_finite_weights
 from ..report import sparsity_report
 from ..sparsity.patterns import Pattern

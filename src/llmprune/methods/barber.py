@@ -62,6 +62,7 @@ from ..engine.capture import move_to
 from ..errors import LLMPruneError
 from ..models.roles import Role
 from ..models.view import DecoderLayer, ModelView
+from ..sparsity.obs_solver import sparsegpt_prune
 from ..sparsity.patterns import Pattern
 from ..sparsity.rebuild import NM_GRANULARITIES, rebuild_mask
 from . import magnitude, sparsegpt, wanda  # noqa: F401  (the initializers must be registered)
@@ -84,6 +85,9 @@ class BarberOptions(MethodOptions):
         "auto", description="N:M only: reference = the paper's rule; paired = swap the best pruned and "
         "the worst kept weight of one M-group, only where that raises the score (an llmprune extension); "
         "auto (the default) = reference at output granularity, paired at layer and block")
+    reconstruct: bool = Field(False, description="after rebuilding, re-solve the kept weights for the rebuilt mask by "
+                              "SparseGPT's OBS updates from the dense weights and each linear's input Hessian "
+                              "(an llmprune extension)")
     guard: bool = Field(False, description="keep the initializer's sub-block when rebuilding raises its calibration "
                         "reconstruction error (an llmprune extension)")
     scope: Literal["row", "matrix"] = Field("row", description="sparsity scope of the initializer "
@@ -323,7 +327,12 @@ class Barber(Method):
         base_cls = METHODS.get(options.init)
         base_fields = base_cls.Options.model_fields
         self.base = base_cls(pattern, base_cls.Options(**({"scope": pattern.scope} if "scope" in base_fields else {})))
-        self.stats = base_cls.stats  # type: ignore[misc]
+        if options.reconstruct and options.retain_reconstruction:
+            raise LLMPruneError("barber options reconstruct and retain_reconstruction exclude each other: reconstruct "
+                                "re-solves every kept weight from the dense ones; give only one of them")
+        # reconstruct needs each linear's X^T X; the initializers read their own statistics from it
+        # (Wanda's ||X_j||^2 is its diagonal).
+        self.stats = "hessian" if options.reconstruct else base_cls.stats  # type: ignore[misc]
 
     def validate(self, view: ModelView) -> None:
         super().validate(view)
@@ -408,7 +417,11 @@ class Barber(Method):
         initial = {name: lin.weight.detach().clone() for name, lin in linears.items()} if opts.guard else None
         with torch.no_grad():
             for name, lin in linears.items():
-                new_weight = kept_values[name].masked_fill(new_masks[name], 0.0)
+                if opts.reconstruct:
+                    new_weight, _ = sparsegpt_prune(weights[name].detach(), ctx.stats[name].hessian, self.pattern,
+                                                    mask=new_masks[name])
+                else:
+                    new_weight = kept_values[name].masked_fill(new_masks[name], 0.0)
                 lin.weight.copy_(new_weight.to(lin.weight.dtype))
                 swaps[name] = int((old_masks[name] & ~new_masks[name]).sum())
 

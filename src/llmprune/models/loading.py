@@ -118,12 +118,35 @@ def gguf_to_folder(gguf_path: str) -> Path:
 
 
 def pick_device(device: str = "auto") -> torch.device:
+    """The compute device of ``device`` (the first of a list: the one that holds and evaluates the model)."""
+    return pick_devices(device)[0]
+
+
+def pick_devices(device: str = "auto") -> list[torch.device]:
+    """The compute devices of a ``model.device`` value: ``auto``, one device (``cpu``, ``cuda``,
+    ``cuda:1``), or a comma-separated list (``cuda:0,cuda:1``) whose first device holds and prunes
+    the model while every device computes a share of the calibration batches (engine.devices).
+    ``cpu`` may be listed more than once (threads; it exercises the multi-device path without GPUs)."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LLMPruneError(f"device {device} requested but CUDA is not available; use --set model.device=cpu")
-    return dev
+        return [torch.device("cuda" if torch.cuda.is_available() else "cpu")]
+    devices = []
+    for part in device.split(","):
+        try:
+            dev = torch.device(part.strip())
+        except RuntimeError:
+            raise LLMPruneError(f"unknown device {part.strip()!r} in model.device={device!r}; use auto, cpu, cuda, "
+                                f"cuda:N or a comma-separated list such as cuda:0,cuda:1") from None
+        if dev.type == "cuda":
+            if not torch.cuda.is_available():
+                raise LLMPruneError(f"device {dev} requested but CUDA is not available; use --set model.device=cpu")
+            dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
+            if dev.index >= torch.cuda.device_count():
+                raise LLMPruneError(f"device {dev} requested but only {torch.cuda.device_count()} CUDA device(s) "
+                                    f"are visible (cuda:0 to cuda:{torch.cuda.device_count() - 1})")
+            if dev in devices:
+                raise LLMPruneError(f"device {dev} is listed twice in model.device={device!r}; list each GPU once")
+        devices.append(dev)
+    return devices
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -73,13 +73,23 @@ def sparsegpt_prune(
     *,
     block_size: int = 128,
     damp: float = 0.01,
+    mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` (out, in) given the input Hessian (in, in).
+
+    ``mask`` (bool, the weight's shape, True = prune) fixes the pruned weights instead of choosing
+    them: the weights are then only reconstructed, by the same column-by-column OBS updates, for that
+    mask (``pattern`` is not consulted). LLM-Barber's ``reconstruct`` option uses this for its
+    rebuilt masks.
 
     Returns (new_weight float32, prune_mask bool); new_weight is zero exactly where the mask is True.
     """
     w = weight.detach().float().clone()
     rows, cols = w.shape
+    if mask is not None:
+        if mask.shape != w.shape or mask.dtype != torch.bool:
+            raise ValueError(f"mask must be bool of the weight's shape {tuple(w.shape)}, got {mask.dtype} {tuple(mask.shape)}")
+        pattern = Pattern(0.0)  # nothing to choose: the given mask is eliminated as it stands
     if pattern.m is not None:
         # N:M groups must not straddle a block: round the block up to a multiple of M.
         block_size = -(-block_size // pattern.m) * pattern.m
@@ -93,8 +103,8 @@ def sparsegpt_prune(
         err_blk = torch.zeros_like(w_blk)
         inv_diag = torch.diagonal(u_blk)
 
-        mask_blk = torch.zeros_like(w_blk, dtype=torch.bool)
-        if not pattern.is_nm and pattern.sparsity > 0:
+        mask_blk = torch.zeros_like(w_blk, dtype=torch.bool) if mask is None else mask[:, start:end].to(w.device).clone()
+        if mask is None and not pattern.is_nm and pattern.sparsity > 0:
             saliency = w_blk**2 / inv_diag.unsqueeze(0) ** 2  # (rows, width)
             if pattern.scope == "row":
                 count = int(pattern.sparsity * end) - int(pattern.sparsity * start)
