@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import subprocess
 import sys
 import tempfile
@@ -56,6 +57,12 @@ BARBER_EXTRAS: dict[str, list[dict[str, Any]]] = {  # beyond the presets, per pa
            {"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "nm_rule": "paired"},
            {"init": "magnitude", "granularity": "block", "ratio": 0.1, "nm_rule": "paired"}],
 }
+BARBER_RECONSTRUCT: dict[str, list[dict[str, Any]]] = {  # the reconstruct extension (OBS re-solve of the rebuilt mask)
+    "unstructured": [{"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "reconstruct": True},
+                     {"init": "wanda", "granularity": "output", "ratio": 0.1, "reconstruct": True}],
+    "nm": [{"init": "sparsegpt", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True},
+           {"init": "wanda", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True}],
+}
 BARBER_PRESETS = {  # LLM-Barber's reference hyper-parameters per initializer
     "magnitude": {"granularity": "block", "ratio": 0.1},
     "wanda": {"granularity": "output", "ratio": 0.01},
@@ -63,12 +70,17 @@ BARBER_PRESETS = {  # LLM-Barber's reference hyper-parameters per initializer
 }
 
 
-def run(cmd: list[str], log: Path) -> None:
+def run(cmd: list[str], log: Path) -> float:
+    """Run ``cmd``; return the CPU seconds (user + system) it used, a measure that other jobs on the
+    machine inflate far less than wall time."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     with log.open("w") as fh:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO / "src")}
         proc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=REPO, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{' '.join(cmd[:4])} ... failed ({proc.returncode}); see {log}:\n{log.read_text()[-3000:]}")
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
 
 
 def run_key(tool: str, method: str, pattern: str, options: dict[str, Any]) -> str:
@@ -84,10 +96,10 @@ def ours(args: argparse.Namespace, work: Path, method: str, pattern: str, option
     cmd += ["--pattern", pattern] if pattern != "unstructured" else ["--sparsity", str(args.sparsity)]
     for key, value in options.items():
         cmd += ["--set", f"method.{key}={value}"]
-    run(cmd, work / f"{tag}.log")
+    cpu_s = run(cmd, work / f"{tag}.log")
     rep = json.loads((out / "llmprune.json").read_text())
     return {"tool": "llmprune", "method": method, "pattern": pattern, "request": options, "options": rep["recipe"]["method"],
-            "prune_s": rep["timings"]["prune_s"], "peak_rss_mb": rep["memory"]["peak_rss_mb"],
+            "prune_s": rep["timings"]["prune_s"], "process_cpu_s": cpu_s, "peak_rss_mb": rep["memory"]["peak_rss_mb"],
             "sparsity": rep["sparsity"]["overall"], "nm_valid": rep["sparsity"].get("nm_valid"),
             "calib_hash": rep["calibration"].get("tokens_sha256") if rep["calibration"] else None,
             "layers": [{k: v for k, v in layer.items() if k != "sparsity"} for layer in rep["layers"]]
@@ -101,10 +113,10 @@ def peer(args: argparse.Namespace, work: Path, method: str, pattern: str, calib_
     cmd = [str(args.peer_python), str(REPO / "benchmarks" / "peer_llmcompressor.py"), "--model", str(model_dir),
            "--calib", str(calib_file), "--method", method, "--sparsity", str(sparsity), "--pattern", pattern,
            "--output", str(out), "--json", str(js)]
-    run(cmd, work / f"{tag}.log")
+    cpu_s = run(cmd, work / f"{tag}.log")
     rep = json.loads(js.read_text())
     return {"tool": "llmcompressor", "method": method, "pattern": pattern, "request": {}, "options": rep.get("modifier_args"),
-            "prune_s": rep["prune_seconds"], "peak_rss_mb": rep["peak_rss_mb"], "sparsity": rep.get("zero_fraction"),
+            "prune_s": rep["prune_seconds"], "process_cpu_s": cpu_s, "peak_rss_mb": rep["peak_rss_mb"], "sparsity": rep.get("zero_fraction"),
             "versions": {k: v for k, v in rep.items() if k.endswith("version") or k == "versions"}, "folder": str(out)}
 
 
@@ -121,6 +133,10 @@ def main() -> None:
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,barber")
     ap.add_argument("--patterns", default="unstructured,2:4")
     ap.add_argument("--barber-sweep", action="store_true", help="also sweep Barber ratio and granularity on Wanda")
+    ap.add_argument("--barber-configs", default="presets,extras",
+                    help="which Barber runs: presets (the paper's, per initializer), extras (other rules and "
+                         "retained reconstruction), reconstruct (the reconstruct extension)")
+    ap.add_argument("--peer-methods", default="wanda,sparsegpt", help="llm-compressor runs beside ours")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-python", type=Path, default=REPO / ".venv-peer" / "bin" / "python")
     ap.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "unstructured.json")
@@ -187,12 +203,16 @@ def main() -> None:
     for pattern in patterns:
         for method in methods:
             if method == "barber":
-                extras = BARBER_EXTRAS["unstructured" if pattern == "unstructured" else "nm"]
-                for options in [{"init": init, **preset} for init, preset in BARBER_PRESETS.items()] + extras:
+                kind = "unstructured" if pattern == "unstructured" else "nm"
+                configs = args.barber_configs.split(",")
+                todo = ([{"init": init, **preset} for init, preset in BARBER_PRESETS.items()] if "presets" in configs else [])
+                todo += BARBER_EXTRAS[kind] if "extras" in configs else []
+                todo += BARBER_RECONSTRUCT[kind] if "reconstruct" in configs else []
+                for options in todo:
                     done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
             else:
                 done("llmprune", method, pattern, {}) or record(ours(args, work, method, pattern, {}))
-            if use_peer and method in ("wanda", "sparsegpt"):
+            if use_peer and method in args.peer_methods.split(","):
                 done("llmcompressor", method, pattern, {}) or record(peer(args, work, method, pattern, calib_file, model_dir))
     if args.barber_sweep and "barber" in METHODS:  # over Wanda: ratio at output granularity first, then the rest
         sweep: list[tuple[str, dict[str, Any]]] = []

@@ -109,7 +109,7 @@ class LayerContext:
             out = {}
             for b in batches:
                 y = self.run_batch(b, module, device)
-                self._check_finite(y)
+                self.check_finite(y)
                 out[b] = y.to(self.cache_device)
             return out
 
@@ -121,7 +121,7 @@ class LayerContext:
             merged.update(part)
         return [merged[b] for b in range(self.num_batches)]
 
-    def _check_finite(self, out: Tensor) -> None:
+    def check_finite(self, out: Tensor) -> None:
         if not all_finite(out):
             raise LLMPruneError(
                 f"NaN or inf in the output activations of decoder layer {self.layer.index}; "
@@ -261,7 +261,7 @@ class LayerContext:
                 with suppress(_Captured):
                     out = self.run_batch(b, module, device)
                     if keep_outputs:
-                        self._check_finite(out)
+                        self.check_finite(out)
                         outputs[b] = out.to(self.cache_device)
                 live.clear()
                 keep_alive.clear()
