@@ -43,43 +43,64 @@ def test_exactly_half_of_the_decoder_linear_weights_are_zero(results: dict[str, 
         assert sp["weights"] == res.report["params"]["pruned_linears"] == 30 * (2 * 576 * 576 + 2 * 192 * 576 + 3 * 1536 * 576)
 
 
-def test_two_four_on_the_real_model(smollm2, data_dir: Path) -> None:
-    model, tok = load_model("smollm2-135m", "float32", "cpu")
-    res = llmprune.prune(model, tokenizer=tok, method="wanda", pattern="2:4", data_dir=str(data_dir),
-                         **{**SETTINGS, "eval": None})
+# LLM-Barber on Wanda, with a small calibration set (32 x 256 tokens at 50%, 16 x 256 at 2:4). The
+# paper's rule keeps the dense values of the kept weights; on this model it moves perplexity by well
+# under 1% either way at this size (measured at 50%: 67.867 against Wanda's 67.846 on these 4
+# windows, 68.571 against 68.737 on 8 x 1024; a tie that another CPU's rounding flips), so the
+# end-to-end claim is checked with the ``reconstruct`` extension, which re-solves the kept weights
+# for the rebuilt mask (README: LLM-Barber; measured 64.19 at 50%, and 141.9 against Wanda's 199.9 at
+# 2:4). With 16 x 256 tokens the re-solve overfits at 50% and the gain is gone, hence 32 there.
+# Each case's Wanda baseline runs on the same tokens.
+BARBER_CASES = {
+    "unstructured50": ({"sparsity": 0.5, "nsamples": 32},
+                       {"init": "wanda", "ratio": 0.1, "granularity": "output", "reconstruct": True}),
+    "2of4": ({"pattern": "2:4", "nsamples": 16},
+             {"init": "wanda", "ratio": 0.01, "granularity": "output", "nm_rule": "paired", "reconstruct": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def wanda_baselines(smollm2, data_dir: Path) -> dict[str, llmprune.PruneResult]:
+    out = {}
+    for case, (settings, _) in BARBER_CASES.items():
+        model, tok = load_model("smollm2-135m", "float32", "cpu")
+        out[case] = llmprune.prune(model, tokenizer=tok, method="wanda", data_dir=str(data_dir),
+                                   **{**SETTINGS, **settings})
+    return out
+
+
+def test_two_four_on_the_real_model(wanda_baselines: dict[str, llmprune.PruneResult]) -> None:
+    res = wanda_baselines["2of4"]
     assert res.report["sparsity"]["nm_valid"] is True
     # Exactly 2 of every 4 pruned, plus the few weights the GGUF dequantizes to 0.0 among the kept ones.
     assert 0.5 <= res.report["sparsity"]["overall"] < 0.5 + 1e-5
 
 
-# LLM-Barber needs more calibration than the pruners: with 8 x 256 tokens its swaps fit the calibration
-# set (lower sub-block error, higher perplexity); with 32 x 256 they generalise. Measured settings: the
-# reference rule at ratio 0.1 (unstructured) and the paired N:M rule at ratio 0.1 (2:4; the reference
-# N:M rule raises perplexity on this model, see the benchmark).
-BARBER_CASES = {
-    "unstructured50": ({"sparsity": 0.5}, {"init": "wanda", "ratio": 0.1, "granularity": "output"}),
-    "2of4": ({"pattern": "2:4"}, {"init": "wanda", "ratio": 0.1, "granularity": "output", "nm_rule": "paired"}),
-}
-
-
 @pytest.mark.parametrize("case", list(BARBER_CASES))
-def test_barber_on_wanda_beats_wanda(smollm2, data_dir: Path, case: str) -> None:
-    sparsity, options = BARBER_CASES[case]
-    settings = {**SETTINGS, "nsamples": 32, "data_dir": str(data_dir), **sparsity}
+def test_barber_on_wanda_beats_wanda(wanda_baselines: dict[str, llmprune.PruneResult], data_dir: Path,
+                                     case: str) -> None:
+    settings, options = BARBER_CASES[case]
+    wanda = wanda_baselines[case]
     model, tok = load_model("smollm2-135m", "float32", "cpu")
-    wanda = llmprune.prune(model, tokenizer=tok, method="wanda", **settings)
-    model, tok = load_model("smollm2-135m", "float32", "cpu")
-    barber = llmprune.prune(model, tokenizer=tok, method="barber", method_options=options, **settings)
+    barber = llmprune.prune(model, tokenizer=tok, method="barber", method_options=options, data_dir=str(data_dir),
+                            **{**SETTINGS, **settings})
+    assert barber.report["calibration"]["tokens_sha256"] == wanda.report["calibration"]["tokens_sha256"]
     ppl_wanda, ppl_barber = (r.report["eval"]["wikitext2"]["ppl"] for r in (wanda, barber))
-    assert ppl_barber < ppl_wanda, (case, ppl_barber, ppl_wanda)
-    assert barber.report["sparsity"]["zeros"] == wanda.report["sparsity"]["zeros"]  # identical sparsity,
-    assert barber.report["sparsity"]["layers"] == wanda.report["sparsity"]["layers"]  # per layer and linear
+    assert ppl_barber < 0.97 * ppl_wanda, (case, ppl_barber, ppl_wanda)
+    # Identical sparsity, per layer and linear. Wanda's masks come from X^T X's diagonal here (reconstruct
+    # collects the Hessian), so they may differ from Wanda's in a tie, never in the count of zeros, except
+    # that the re-solved weights may leave a rare kept weight at exactly 0.0.
+    sp_b, sp_w = barber.report["sparsity"], wanda.report["sparsity"]
+    assert 0 <= sp_b["zeros"] - sp_w["zeros"] <= 1e-6 * sp_w["weights"], (case, sp_b["zeros"], sp_w["zeros"])
+    for layer_b, layer_w in zip(sp_b["layers"], sp_w["layers"], strict=True):
+        for name, fraction in layer_w["linears"].items():
+            assert fraction <= layer_b["linears"][name] <= fraction + 1e-5, (case, layer_w["layer"], name)
     swaps = sum(sum(layer["swaps"].values()) for layer in barber.report["layers"])
     assert swaps > 0
     errors = [e for layer in barber.report["layers"] for e in layer["reconstruction"].values()]
     improved = sum(e["mse_after"] < e["mse_before"] for e in errors)
-    assert improved > 0.5 * len(errors), (improved, len(errors))  # most sub-blocks (not all: see `guard`)
-    if "pattern" in sparsity:
+    assert improved > 0.9 * len(errors), (improved, len(errors))
+    if "pattern" in settings:
         assert barber.report["sparsity"]["nm_valid"] is True
 
 

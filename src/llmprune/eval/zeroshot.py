@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import difflib
+import functools
 import hashlib
 import json
 import logging
@@ -190,17 +191,16 @@ def prepare_tasks(tasks: str | list[str] | None, *, data_dir: str | None = None,
     """Check task names and load their data; unknown names and unreachable data fail here, clearly."""
     names = parse_tasks(tasks)
     _lm_eval()
-    from lm_eval.tasks import TaskManager
-
     if include_path is not None and not Path(include_path).is_dir():
         raise LLMPruneError(f"--include-path {include_path} is not a folder of lm-eval task YAML files")
     others = [n for n in names if n not in OFFLINE_TASKS]
-    # The full index of lm-eval's ~10k stock task files takes seconds; skip it when only ours are asked.
-    manager = TaskManager(include_path=include_path, include_defaults=False) if include_path else None
+    # The full index of lm-eval's ~10k stock task files takes seconds (about 13 s on 2 cores); skip it
+    # when only ours are asked, and build the stock index once per process (a sweep evaluates many times).
+    manager = _task_manager(include_path, False) if include_path else None
     if others and (manager is None or any(n not in manager.all_tasks for n in others)):
-        manager = TaskManager(include_path=include_path)
+        manager = _task_manager(include_path, True)
     if manager is None:
-        manager = TaskManager(include_defaults=False)
+        manager = _stock_task_manager(False)
     known = set(manager.all_tasks) if others else set()
     unknown = [n for n in others if n not in known]
     if unknown:
@@ -230,6 +230,23 @@ def prepare_tasks(tasks: str | list[str] | None, *, data_dir: str | None = None,
                 f"--include-path with task YAMLs whose dataset_path points at local files"
             ) from None
     return PreparedTasks(names, list(loaded.values()), manager, provenance)
+
+
+def _task_manager(include_path: str | None, include_defaults: bool) -> Any:
+    """lm-eval's index of task files. Only the stock index is kept for the process: a user's own
+    folder may gain task files between calls."""
+    if include_path is None:
+        return _stock_task_manager(include_defaults)
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_path=include_path, include_defaults=include_defaults)
+
+
+@functools.lru_cache(maxsize=2)
+def _stock_task_manager(include_defaults: bool) -> Any:
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager(include_defaults=include_defaults)
 
 
 @contextlib.contextmanager

@@ -39,6 +39,19 @@ error on the calibration set (measured anyway for the report). What it cannot fi
 SmolLM2 with 8 x 256 calibration tokens: at ratio 0.1 over Wanda the rebuild lowers every
 sub-block's calibration error by 10-20 % yet raises WikiText-2 perplexity, i.e. the swaps fit the
 calibration set; the benchmark's ratio sweep at 32 x 2048 shows how this changes with more data.
+Extension ``reconstruct`` (off by default): the rule chooses *which* weights stay, and the paper
+then gives them their dense values, which throws away SparseGPT's reconstruction and leaves a
+Wanda or magnitude mask without any. With ``reconstruct`` every linear's kept weights are instead
+re-solved from its dense weights for the rebuilt mask by SparseGPT's column-by-column OBS updates
+(:func:`llmprune.sparsity.obs_solver.sparsegpt_prune` with a fixed mask; the input Hessian X^T X
+that the engine then collects for every initializer). At ratio 0 over SparseGPT this is SparseGPT
+itself, bit for bit (tested). Measured on SmolLM2 (C4 32 x 256 calibration, WikiText-2 16 x 2048,
+this machine): 50% over SparseGPT at layer granularity, ratio 0.1: 39.57 against 42.58 with dense
+values and SparseGPT's own 43.3; 2:4 over SparseGPT, output granularity, paired rule: ratio 0.1
+87.2, ratio 0.01 82.12, SparseGPT 83.62 (at 2:4 only a few swaps help: the masks of a
+reconstructing pruner are already fitted to its updates). ``benchmarks/results/barber_full.json``
+has the issue's 32 x 2048 protocol.
+
 A signed second-order (OBD-style) swap score was also tried: exact for one toggled weight, it
 ignores the interactions of the many weights swapped at once in a row and raised perplexity by
 orders of magnitude, so it is not offered.
