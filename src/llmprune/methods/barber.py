@@ -45,12 +45,11 @@ Wanda or magnitude mask without any. With ``reconstruct`` every linear's kept we
 re-solved from its dense weights for the rebuilt mask by SparseGPT's column-by-column OBS updates
 (:func:`llmprune.sparsity.obs_solver.sparsegpt_prune` with a fixed mask; the input Hessian X^T X
 that the engine then collects for every initializer). At ratio 0 over SparseGPT this is SparseGPT
-itself, bit for bit (tested). Measured on SmolLM2 (C4 32 x 256 calibration, WikiText-2 16 x 2048,
-this machine): 50% over SparseGPT at layer granularity, ratio 0.1: 39.57 against 42.58 with dense
-values and SparseGPT's own 43.3; 2:4 over SparseGPT, output granularity, paired rule: ratio 0.1
-87.2, ratio 0.01 82.12, SparseGPT 83.62 (at 2:4 only a few swaps help: the masks of a
-reconstructing pruner are already fitted to its updates). ``benchmarks/results/barber_full.json``
-has the issue's 32 x 2048 protocol.
+itself, bit for bit (tested). Measured on SmolLM2 (``benchmarks/results/barber_reconstruct.json``:
+C4 32 x 256 calibration, WikiText-2 16 x 2048): 50% over SparseGPT at layer granularity, ratio 0.1:
+39.57 against SparseGPT's 44.41 (llm-compressor's 43.31); 2:4 over SparseGPT, output granularity,
+paired rule, ratio 0.01: 82.12 against 83.62 (llm-compressor's 86.51). At 2:4 only a few swaps
+help (ratio 0.1 gave 87.2): the masks of a reconstructing pruner are already fitted to its updates.
 
 A signed second-order (OBD-style) swap score was also tried: exact for one toggled weight, it
 ignores the interactions of the many weights swapped at once in a row and raised perplexity by
