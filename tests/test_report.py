@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import io
 import json
 import re
 import sys
@@ -15,6 +16,7 @@ from typer.testing import CliRunner
 
 import llmprune
 from llmprune import cli
+from llmprune import report as report_module
 from llmprune.cli import app
 from llmprune.errors import LLMPruneError
 from llmprune.io.save import write_json_atomic
@@ -408,3 +410,16 @@ def test_cli_report(runs: dict[str, Any], tmp_path: Path, monkeypatch: pytest.Mo
     assert again.exit_code == 2 and "already exists" in again.output
     bad = runner.invoke(app, ["report", str(tmp_path), "--output", str(tmp_path / "x")])
     assert bad.exit_code == 2 and "not an llmprune run folder" in bad.output and not (tmp_path / "x").exists()
+
+
+def test_cpu_model_names_the_vector_extensions(monkeypatch: pytest.MonkeyPatch) -> None:
+    cpuinfo = "processor\t: 0\nmodel name\t: Example CPU 9000\nflags\t\t: fpu sse2 avx2 avx512f amx_bf16\n"
+    monkeypatch.setattr(report_module, "open", lambda *a, **k: io.StringIO(cpuinfo), raising=False)
+    assert report_module.cpu_model() == "Example CPU 9000 (avx512f, amx_bf16, avx2)"
+
+    def missing(*a: object, **k: object) -> None:
+        raise FileNotFoundError("/proc/cpuinfo")
+
+    monkeypatch.setattr(report_module, "open", missing, raising=False)
+    monkeypatch.setattr(report_module.platform, "processor", lambda: "arm")
+    assert report_module.cpu_model() == "arm"
