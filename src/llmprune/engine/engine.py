@@ -102,18 +102,20 @@ class LayerContext:
         )
         return layer_output(out)
 
-    def forward(self) -> list[Tensor]:
-        """Outputs of the layer, as it is now, for every calibration batch (on ``cache_device``)."""
+    def forward(self, *, one_device: bool = False) -> list[Tensor]:
+        """Outputs of the layer, as it is now, for every calibration batch (on ``cache_device``).
+        ``one_device``: all batches in order on ``device`` even with replicas (a forward hook on the
+        layer's own modules then sees every batch)."""
 
         def outputs_of(module: nn.Module, device: torch.device, batches: list[int]) -> dict[int, Tensor]:
             out = {}
             for b in batches:
                 y = self.run_batch(b, module, device)
-                self.check_finite(y)
+                self._check_finite(y)
                 out[b] = y.to(self.cache_device)
             return out
 
-        if self.replicas is None:
+        if self.replicas is None or one_device:
             return list(outputs_of(self.layer.module, self.device, list(range(self.num_batches))).values())
         self.replicas.sync(self.layer.module)
         merged: dict[int, Tensor] = {}
@@ -121,7 +123,7 @@ class LayerContext:
             merged.update(part)
         return [merged[b] for b in range(self.num_batches)]
 
-    def check_finite(self, out: Tensor) -> None:
+    def _check_finite(self, out: Tensor) -> None:
         if not all_finite(out):
             raise LLMPruneError(
                 f"NaN or inf in the output activations of decoder layer {self.layer.index}; "
@@ -261,7 +263,7 @@ class LayerContext:
                 with suppress(_Captured):
                     out = self.run_batch(b, module, device)
                     if keep_outputs:
-                        self.check_finite(out)
+                        self._check_finite(out)
                         outputs[b] = out.to(self.cache_device)
                 live.clear()
                 keep_alive.clear()

@@ -200,7 +200,7 @@ def prepare_tasks(tasks: str | list[str] | None, *, data_dir: str | None = None,
     if others and (manager is None or any(n not in manager.all_tasks for n in others)):
         manager = _task_manager(include_path, True)
     if manager is None:
-        manager = _stock_task_manager(False)
+        manager = _task_manager(None, False)
     known = set(manager.all_tasks) if others else set()
     unknown = [n for n in others if n not in known]
     if unknown:

@@ -422,13 +422,8 @@ class Barber(Method):
             swaps.update(block_swaps)
         del dense
         if pending is not None:  # the layer's propagating forward runs the rebuilt MLP: measure it there
-            with pending[1].watching():
-                outputs = []
-                for b in range(ctx.num_batches):  # on ctx.device only: the hook sees every batch in order
-                    out = ctx.run_batch(b)
-                    ctx.check_finite(out)
-                    outputs.append(out.to(ctx.cache_device))
-            ctx.outputs = outputs  # the engine propagates these instead of running the layer again
+            with pending[1].watching():  # on ctx.device only: the hook sees every batch in order
+                ctx.outputs = ctx.forward(one_device=True)  # the engine propagates these, no second run
             reconstruction[pending[0]]["mse_after"] = pending[1].mse()
         return {
             "sparsity": {name: zero_fraction(linear) for name, linear in ctx.layer.linears.items()},
