@@ -144,7 +144,13 @@ def main() -> None:
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --output (same protocol) and do the rest")
     args = ap.parse_args()
     windows = None if args.all_windows else args.eval_windows
-    methods = [m for m in args.methods.split(",") if m in METHODS]
+    for flag, value, known in (("--methods", args.methods, set(METHODS.names())),
+                               ("--barber-configs", args.barber_configs, {"presets", "extras", "reconstruct"}),
+                               ("--peer-methods", args.peer_methods, {"wanda", "sparsegpt"})):
+        unknown = sorted(set(value.split(",")) - known)
+        if unknown:
+            ap.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))} (comma-separated)")
+    methods = args.methods.split(",")
     patterns = args.patterns.split(",")
     use_peer = not args.no_peer and args.peer_python.exists()
 
