@@ -49,7 +49,7 @@ itself, bit for bit (tested). Measured on SmolLM2 (``benchmarks/results/barber_r
 C4 32 x 256 calibration, WikiText-2 16 x 2048): 50% over SparseGPT at layer granularity, ratio 0.1:
 39.57 against SparseGPT's 44.41 (llm-compressor's 43.31); 2:4 over SparseGPT, output granularity,
 paired rule, ratio 0.01: 82.12 against 83.62 (llm-compressor's 86.51). At 2:4 only a few swaps
-help (ratio 0.1 gave 87.2): the masks of a reconstructing pruner are already fitted to its updates.
+help (ratio 0.1 gave 87.2, same protocol, outside the benchmark file): the masks of a reconstructing pruner are already fitted to its updates.
 
 A signed second-order (OBD-style) swap score was also tried: exact for one toggled weight, it
 ignores the interactions of the many weights swapped at once in a row and raised perplexity by
