@@ -142,6 +142,37 @@ def test_every_family_keeps_the_init_sparsity(family: str, pattern: Pattern, nm_
         assert torch.isfinite(model(input_ids=ids).logits).all()
 
 
+def test_final_forward_replays_the_rebuilt_attention_bit_for_bit(family: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The layer's last forward reuses the attention outputs recorded in the MLP's capture instead of
+    recomputing them: the same weights, reports and propagated activations as recomputing."""
+    from contextlib import nullcontext
+
+    from llmprune.methods import barber
+
+    ids = calib()
+    options = BarberOptions(ratio=0.2, reconstruct=True)
+    used: list[int] = []
+    real = barber._replayed
+
+    def counted(module: torch.nn.Module, outputs: list[Any], device: torch.device) -> Any:
+        used.append(len(outputs))
+        return real(module, outputs, device)
+
+    monkeypatch.setattr(barber, "_replayed", counted)
+    replayed = tiny_model(family)
+    reports = prune(replayed, Barber(UNSTRUCTURED, options), ids)
+    assert used and all(n == len(ids) for n in used)  # one replay per layer, every batch
+    monkeypatch.setattr(barber, "_replayed", lambda *_args: nullcontext())
+    recomputed = tiny_model(family)
+    again = prune(recomputed, Barber(UNSTRUCTURED, options), ids)
+    assert [{k: v for k, v in r.items() if k != "time_s"} for r in again] == [
+        {k: v for k, v in r.items() if k != "time_s"} for r in reports]
+    for name, w in weights_of(replayed).items():
+        assert torch.equal(w, weights_of(recomputed)[name]), name
+    with torch.no_grad():
+        assert torch.equal(replayed(ids).logits, recomputed(ids).logits)
+
+
 def test_ratio_zero_is_the_initializer_alone() -> None:
     ids = calib()
     for family in ("llama", "opt"):
@@ -197,6 +228,20 @@ def test_reconstruct_at_ratio_zero_is_sparsegpt_and_lowers_the_error_of_a_rebuil
         if pattern.is_nm:
             assert bool(((w != 0).reshape(w.shape[0], -1, 4).sum(-1) <= 2).all()), name
         assert int((w == 0).sum()) >= int(0.5 * w.numel()), name
+
+
+@pytest.mark.parametrize("pattern", [TWO_FOUR, Pattern(0.5, scope="row")], ids=str)
+def test_sparsegpt_solves_linears_sharing_an_input_together_with_the_same_result(
+        pattern: Pattern, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmprune.methods.base import Method
+
+    ids = calib()
+    stacked, alone = tiny_model("qwen2"), tiny_model("qwen2")
+    prune(stacked, SparseGPT(pattern, SparseGPTOptions(scope=pattern.scope)), ids)
+    monkeypatch.setattr(SparseGPT, "prune_layer", Method.prune_layer)  # one linear at a time
+    prune(alone, SparseGPT(pattern, SparseGPTOptions(scope=pattern.scope)), ids)
+    for name, w in weights_of(stacked).items():
+        assert torch.equal(w, weights_of(alone)[name]), name
 
 
 def test_magnitude_init_block_granularity_keeps_each_sub_block_total() -> None:

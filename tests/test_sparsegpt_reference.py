@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from llmprune.sparsity.obs_solver import inverse_hessian_factor, sparsegpt_prune
+from llmprune.sparsity.obs_solver import inverse_hessian_factor, sparsegpt_prune, sparsegpt_prune_stacked
 from llmprune.sparsity.patterns import Pattern
 from llmprune.sparsity.select import prune_mask
 
@@ -134,3 +134,23 @@ def test_a_fixed_mask_is_reconstructed_as_the_reference_does(block_size: int) ->
     assert float(((new_w - weight) @ x.t()).pow(2).sum()) < 0.9 * float(((masked - weight) @ x.t()).pow(2).sum())
     with pytest.raises(ValueError, match="mask must be bool"):
         sparsegpt_prune(weight, hessian, Pattern(0.5), mask=mask.float())
+
+
+@pytest.mark.parametrize("fixed", [False, True], ids=["chosen", "fixed-mask"])
+@pytest.mark.parametrize("pattern", PATTERNS, ids=str)
+def test_weights_sharing_an_input_stacked_equal_one_by_one(pattern: Pattern, fixed: bool) -> None:
+    """q/k/v (or gate/up) share one Hessian: solved as one matrix of stacked rows where rows are
+    independent, one by one for scope="matrix"; either way exactly what separate calls give."""
+    _, _, hessian = make_problem(8)
+    gen = torch.Generator().manual_seed(9)
+    weights = [torch.randn(rows, COLS, generator=gen) for rows in (12, 4, 7)]
+    masks = [torch.rand(w.shape, generator=gen) < 0.4 for w in weights] if fixed else None
+    stacked = sparsegpt_prune_stacked(weights, hessian, pattern, block_size=16, masks=masks)
+    assert len(stacked) == len(weights)
+    for i, (w, (new_w, mask)) in enumerate(zip(weights, stacked, strict=True)):
+        alone_w, alone_mask = sparsegpt_prune(w, hessian, pattern, block_size=16,
+                                              mask=None if masks is None else masks[i])
+        assert new_w.shape == w.shape and torch.equal(mask, alone_mask), i
+        assert torch.equal(new_w, alone_w), i
+    with pytest.raises(ValueError, match="one mask per weight"):
+        sparsegpt_prune_stacked(weights, hessian, pattern, masks=[torch.zeros(12, COLS, dtype=torch.bool)])

@@ -18,7 +18,7 @@ Two differences, both so that the promised sparsity is exact rather than approxi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -127,6 +127,39 @@ def sparsegpt_prune(
 
     w[prune] = 0.0
     return w, prune
+
+
+def rows_independent(pattern: Pattern, fixed_mask: bool) -> bool:
+    """Whether :func:`sparsegpt_prune` treats every row on its own: the OBS updates always do (a row's
+    error moves only that row's weights); the mask choice does for a given mask, N:M groups and
+    ``scope="row"``, but not for ``scope="matrix"``, which ranks a whole column block at once."""
+    return fixed_mask or pattern.is_nm or pattern.scope == "row"
+
+
+def sparsegpt_prune_stacked(
+    weights: Sequence[Tensor],
+    hessian: Tensor,
+    pattern: Pattern,
+    *,
+    block_size: int = 128,
+    damp: float = 0.01,
+    masks: Sequence[Tensor] | None = None,
+) -> list[tuple[Tensor, Tensor]]:
+    """:func:`sparsegpt_prune` for several weights with the same input (so the same Hessian: q/k/v,
+    gate/up), as one matrix of their stacked rows where rows are independent (:func:`rows_independent`),
+    else one by one. Stacked, H^-1 is factored once and the column loop runs once for all rows: the same
+    result (each row sees the same operations; tested equal) for less time. Returns one (new_weight,
+    prune_mask) per weight, in order."""
+    if masks is not None and len(masks) != len(weights):
+        raise ValueError(f"need one mask per weight, got {len(masks)} for {len(weights)}")
+    if len(weights) == 1 or not rows_independent(pattern, masks is not None):
+        return [sparsegpt_prune(w, hessian, pattern, block_size=block_size, damp=damp,
+                                mask=None if masks is None else masks[i]) for i, w in enumerate(weights)]
+    rows = [int(w.shape[0]) for w in weights]
+    new_w, prune = sparsegpt_prune(torch.cat([w.detach().float() for w in weights]), hessian, pattern,
+                                   block_size=block_size, damp=damp,
+                                   mask=None if masks is None else torch.cat(list(masks)))
+    return list(zip(new_w.split(rows), prune.split(rows), strict=True))
 
 
 def _eliminate_columns(w_blk: Tensor, u_blk: Tensor, err_blk: Tensor, mask_blk: Tensor, pattern: Pattern) -> None:
