@@ -173,6 +173,7 @@ def main() -> None:
                      "evaluation": {**eval_src.describe(), "seqlen": 2048, "windows": windows or "all"},
                      "dtype": "float32", "device": "cpu", "threads": torch.get_num_threads(), "cpus": os.cpu_count()},
         "versions": versions(), "runs": [], "started": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commands": [" ".join(["benchmarks/unstructured.py", *sys.argv[1:]])],
     }
 
     def ppl(folder: str | None, net: Any = None) -> dict[str, Any]:
@@ -188,6 +189,7 @@ def main() -> None:
             # Kept in the file from the start, so a resumed run that dies loses nothing.
             result["runs"] = old["runs"]
             result["dense"] = old.get("dense")
+            result["commands"] = old.get("commands", []) + result["commands"]  # every command that wrote rows
             finished = {run_key(r["tool"], r["method"], r["pattern"], r.get("request", {})) for r in old["runs"]}
 
     def done(tool: str, method: str, pattern: str, options: dict[str, Any]) -> bool:

@@ -30,6 +30,8 @@ Differences from the reference code (github.com/YupengSu/LLM-Barber), and why:
   norms or the input), one backward per calibration batch; the running mean weights each batch by
   its number of samples (the reference: batch size 1, identical).
 * Exact swap counts by rank, N:M beyond 2:4 and for layer/block granularity (see ``rebuild.py``).
+* The layer's last forward (the next layer's inputs) takes the rebuilt attention's outputs recorded
+  in the MLP's capture instead of recomputing them (:func:`_replayed`; bit-identical, tested).
 * With ``retain_reconstruction`` the score uses the weights that would be kept (the initializer's
   values where it kept a weight, dense ones elsewhere), as the reference does.
 
