@@ -230,7 +230,7 @@ def test_reconstruct_at_ratio_zero_is_sparsegpt_and_lowers_the_error_of_a_rebuil
         assert int((w == 0).sum()) >= int(0.5 * w.numel()), name
 
 
-@pytest.mark.parametrize("pattern", [TWO_FOUR, Pattern(0.5, scope="row")], ids=str)
+@pytest.mark.parametrize("pattern", [TWO_FOUR, Pattern(0.5, scope="row"), Pattern(0.5, scope="matrix")], ids=str)
 def test_sparsegpt_solves_linears_sharing_an_input_together_with_the_same_result(
         pattern: Pattern, monkeypatch: pytest.MonkeyPatch) -> None:
     from llmprune.methods.base import Method

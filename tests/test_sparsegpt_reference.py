@@ -145,8 +145,10 @@ def test_weights_sharing_an_input_stacked_equal_one_by_one(pattern: Pattern, fix
     gen = torch.Generator().manual_seed(9)
     weights = [torch.randn(rows, COLS, generator=gen) for rows in (12, 4, 7)]
     masks = [torch.rand(w.shape, generator=gen) < 0.4 for w in weights] if fixed else None
+    before = [w.clone() for w in weights]
     stacked = sparsegpt_prune_stacked(weights, hessian, pattern, block_size=16, masks=masks)
     assert len(stacked) == len(weights)
+    assert all(torch.equal(w, b) for w, b in zip(weights, before, strict=True))  # the inputs untouched
     for i, (w, (new_w, mask)) in enumerate(zip(weights, stacked, strict=True)):
         alone_w, alone_mask = sparsegpt_prune(w, hessian, pattern, block_size=16,
                                               mask=None if masks is None else masks[i])
@@ -154,3 +156,5 @@ def test_weights_sharing_an_input_stacked_equal_one_by_one(pattern: Pattern, fix
         assert torch.equal(new_w, alone_w), i
     with pytest.raises(ValueError, match="one mask per weight"):
         sparsegpt_prune_stacked(weights, hessian, pattern, masks=[torch.zeros(12, COLS, dtype=torch.bool)])
+    with pytest.raises(ValueError, match="factor must be"):
+        sparsegpt_prune(weights[0], hessian, pattern, factor=torch.eye(COLS - 1))

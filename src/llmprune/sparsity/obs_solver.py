@@ -74,8 +74,14 @@ def sparsegpt_prune(
     block_size: int = 128,
     damp: float = 0.01,
     mask: Tensor | None = None,
+    factor: Tensor | None = None,
+    overwrite: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` (out, in) given the input Hessian (in, in).
+
+    ``factor``: :func:`inverse_hessian_factor` of ``hessian`` with this ``damp``, when the caller
+    already has it (linears with the same input share it); computed here otherwise. ``overwrite``:
+    a float32 ``weight`` may be worked on in place (no float32 copy of it is made).
 
     ``mask`` (bool, the weight's shape, True = prune) fixes the pruned weights instead of choosing
     them: the weights are then only reconstructed, by the same column-by-column OBS updates, for that
@@ -84,7 +90,8 @@ def sparsegpt_prune(
 
     Returns (new_weight float32, prune_mask bool); new_weight is zero exactly where the mask is True.
     """
-    w = weight.detach().float().clone()
+    w = weight.detach()
+    w = w if overwrite and w.dtype == torch.float32 and w.is_contiguous() else w.float().clone()
     rows, cols = w.shape
     if mask is not None:
         if mask.shape != w.shape or mask.dtype != torch.bool:
@@ -93,7 +100,9 @@ def sparsegpt_prune(
     if pattern.m is not None:
         # N:M groups must not straddle a block: round the block up to a multiple of M.
         block_size = -(-block_size // pattern.m) * pattern.m
-    u = inverse_hessian_factor(hessian, damp)  # (cols, cols), upper
+    u = inverse_hessian_factor(hessian, damp) if factor is None else factor  # (cols, cols), upper
+    if u.shape != (cols, cols):
+        raise ValueError(f"the factor must be ({cols}, {cols}), got {tuple(u.shape)}")
     prune = torch.zeros_like(w, dtype=torch.bool)
 
     for start in range(0, cols, block_size):
@@ -147,17 +156,20 @@ def sparsegpt_prune_stacked(
 ) -> list[tuple[Tensor, Tensor]]:
     """:func:`sparsegpt_prune` for several weights with the same input (so the same Hessian: q/k/v,
     gate/up), as one matrix of their stacked rows where rows are independent (:func:`rows_independent`),
-    else one by one. Stacked, H^-1 is factored once and the column loop runs once for all rows: the same
+    else one by one with one shared factor of H^-1. Stacked, H^-1 is factored once and the column loop runs once for all rows: the same
     result (each row sees the same operations; tested equal) for less time. Returns one (new_weight,
     prune_mask) per weight, in order."""
     if masks is not None and len(masks) != len(weights):
         raise ValueError(f"need one mask per weight, got {len(masks)} for {len(weights)}")
     if len(weights) == 1 or not rows_independent(pattern, masks is not None):
-        return [sparsegpt_prune(w, hessian, pattern, block_size=block_size, damp=damp,
+        u = inverse_hessian_factor(hessian, damp)  # one factorization for all of them
+        return [sparsegpt_prune(w, hessian, pattern, block_size=block_size, damp=damp, factor=u,
                                 mask=None if masks is None else masks[i]) for i, w in enumerate(weights)]
     rows = [int(w.shape[0]) for w in weights]
-    new_w, prune = sparsegpt_prune(torch.cat([w.detach().float() for w in weights]), hessian, pattern,
-                                   block_size=block_size, damp=damp,
+    stacked = torch.empty(sum(rows), weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
+    for part, w in zip(stacked.split(rows), weights, strict=True):  # one float32 copy, worked on in place
+        part.copy_(w.detach())
+    new_w, prune = sparsegpt_prune(stacked, hessian, pattern, block_size=block_size, damp=damp, overwrite=True,
                                    mask=None if masks is None else torch.cat(list(masks)))
     return list(zip(new_w.split(rows), prune.split(rows), strict=True))
 
