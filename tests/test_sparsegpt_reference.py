@@ -146,7 +146,7 @@ def test_weights_sharing_an_input_stacked_equal_one_by_one(pattern: Pattern, fix
     weights = [torch.randn(rows, COLS, generator=gen) for rows in (12, 4, 7)]
     masks = [torch.rand(w.shape, generator=gen) < 0.4 for w in weights] if fixed else None
     before = [w.clone() for w in weights]
-    stacked = sparsegpt_prune_stacked(weights, hessian, pattern, block_size=16, masks=masks)
+    stacked = list(sparsegpt_prune_stacked(weights, hessian, pattern, block_size=16, masks=masks))
     assert len(stacked) == len(weights)
     assert all(torch.equal(w, b) for w, b in zip(weights, before, strict=True))  # the inputs untouched
     for i, (w, (new_w, mask)) in enumerate(zip(weights, stacked, strict=True)):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
@@ -90,6 +90,14 @@ class LayerContext:
     @property
     def num_batches(self) -> int:
         return len(self.hidden)
+
+    def shared_input_groups(self, names: Iterable[str]) -> list[list[str]]:
+        """``names`` grouped by the statistics object they share: linears fed the very same input
+        (q/k/v, gate/up; see :meth:`observe`), in first-seen order."""
+        groups: dict[int, list[str]] = {}
+        for name in names:
+            groups.setdefault(id(self.stats[name]), []).append(name)
+        return list(groups.values())
 
     def run_batch(self, b: int, module: nn.Module | None = None, device: torch.device | None = None) -> Tensor:
         """Forward calibration batch ``b`` through the layer (or ``module``, on ``device``)."""

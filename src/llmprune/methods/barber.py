@@ -479,11 +479,8 @@ class Barber(Method):
         """``reconstruct``: each linear's kept weights re-solved from its dense ones for its rebuilt mask.
         Linears fed the same input share one statistics object (q/k/v, gate/up): they are solved as one
         stacked matrix (one factorization of H^-1, one column loop; the same result)."""
-        groups: dict[int, list[str]] = {}
-        for name in weights:
-            groups.setdefault(id(ctx.stats[name]), []).append(name)
         out: dict[str, Tensor] = {}
-        for names in groups.values():
+        for names in ctx.shared_input_groups(weights):
             solved = sparsegpt_prune_stacked([weights[n].detach() for n in names], ctx.stats[names[0]].hessian,
                                              Pattern(0.0), masks=[masks[n] for n in names])
             out.update({n: w for n, (w, _) in zip(names, solved, strict=True)})

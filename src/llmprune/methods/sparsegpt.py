@@ -8,12 +8,7 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from ..sparsity.obs_solver import (
-    inverse_hessian_factor,
-    rows_independent,
-    sparsegpt_prune,
-    sparsegpt_prune_stacked,
-)
+from ..sparsity.obs_solver import sparsegpt_prune, sparsegpt_prune_stacked
 from .base import METHODS, Method, SequentialOptions, zero_fraction
 
 
@@ -37,26 +32,14 @@ class SparseGPT(Method):
         ``scope="matrix"`` ranks a column block over all its rows, so there each linear is pruned
         alone, from one shared factorization."""
         opts: SparseGPTOptions = self.options  # type: ignore[assignment]
-        groups: dict[int, list[str]] = {}
-        for name in ctx.layer.linears:
-            groups.setdefault(id(ctx.stats[name]), []).append(name)
-        for names in groups.values():
+        for names in ctx.shared_input_groups(ctx.layer.linears):
             linears = [ctx.layer.linears[n] for n in names]
-            hessian = ctx.stats[names[0]].hessian
-            if len(linears) > 1 and rows_independent(self.pattern, fixed_mask=False):
-                solved = sparsegpt_prune_stacked([lin.weight for lin in linears], hessian, self.pattern,
-                                                 block_size=opts.block_size, damp=opts.damp)
-                with torch.no_grad():
-                    for lin, (new_weight, _) in zip(linears, solved, strict=True):
-                        lin.weight.copy_(new_weight.to(lin.weight.dtype))
-                continue
-            factor = inverse_hessian_factor(hessian, opts.damp)
-            for lin in linears:  # one at a time: one float32 copy alive
-                new_weight, _ = sparsegpt_prune(lin.weight, hessian, self.pattern, block_size=opts.block_size,
-                                                damp=opts.damp, factor=factor)
-                with torch.no_grad():
+            solved = sparsegpt_prune_stacked([lin.weight for lin in linears], ctx.stats[names[0]].hessian,
+                                             self.pattern, block_size=opts.block_size, damp=opts.damp)
+            with torch.no_grad():
+                for lin, (new_weight, _) in zip(linears, solved, strict=True):
                     lin.weight.copy_(new_weight.to(lin.weight.dtype))
-                del new_weight
+                    del new_weight  # solved one by one, only one float32 result is alive
         return {"sparsity": {name: zero_fraction(linear) for name, linear in ctx.layer.linears.items()}}
 
     def prune_linear(self, name: str, linear: nn.Linear, stats: Any) -> float:

@@ -153,25 +153,28 @@ def sparsegpt_prune_stacked(
     block_size: int = 128,
     damp: float = 0.01,
     masks: Sequence[Tensor] | None = None,
-) -> list[tuple[Tensor, Tensor]]:
+) -> Iterator[tuple[Tensor, Tensor]]:
     """:func:`sparsegpt_prune` for several weights with the same input (so the same Hessian: q/k/v,
-    gate/up), as one matrix of their stacked rows where rows are independent (:func:`rows_independent`),
-    else one by one with one shared factor of H^-1. Stacked, H^-1 is factored once and the column loop runs once for all rows: the same
-    result (each row sees the same operations; tested equal) for less time. Returns one (new_weight,
-    prune_mask) per weight, in order."""
+    gate/up): one (new_weight, prune_mask) per weight, in order.
+
+    Where rows are independent (:func:`rows_independent`) they are solved as one matrix of their
+    stacked rows: H^-1 is factored once and the column loop runs once for all rows, the same result
+    (each row sees the same operations; tested equal) for less time. Otherwise one by one from one
+    shared factor of H^-1, each solved only when the caller asks for it, so one float32 copy is alive
+    at a time. Arguments are checked before anything is solved."""
     if masks is not None and len(masks) != len(weights):
         raise ValueError(f"need one mask per weight, got {len(masks)} for {len(weights)}")
-    if len(weights) == 1 or not rows_independent(pattern, masks is not None):
-        u = inverse_hessian_factor(hessian, damp)  # one factorization for all of them
-        return [sparsegpt_prune(w, hessian, pattern, block_size=block_size, damp=damp, factor=u,
-                                mask=None if masks is None else masks[i]) for i, w in enumerate(weights)]
-    rows = [int(w.shape[0]) for w in weights]
-    stacked = torch.empty(sum(rows), weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
-    for part, w in zip(stacked.split(rows), weights, strict=True):  # one float32 copy, worked on in place
-        part.copy_(w.detach())
-    new_w, prune = sparsegpt_prune(stacked, hessian, pattern, block_size=block_size, damp=damp, overwrite=True,
-                                   mask=None if masks is None else torch.cat(list(masks)))
-    return list(zip(new_w.split(rows), prune.split(rows), strict=True))
+    if len(weights) > 1 and rows_independent(pattern, masks is not None):
+        rows = [int(w.shape[0]) for w in weights]
+        stacked = torch.empty(sum(rows), weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
+        for part, w in zip(stacked.split(rows), weights, strict=True):  # one float32 copy, worked on in place
+            part.copy_(w.detach())
+        new_w, prune = sparsegpt_prune(stacked, hessian, pattern, block_size=block_size, damp=damp, overwrite=True,
+                                       mask=None if masks is None else torch.cat(list(masks)))
+        return zip(new_w.split(rows), prune.split(rows), strict=True)
+    u = inverse_hessian_factor(hessian, damp)  # one factorization for all of them
+    return (sparsegpt_prune(w, hessian, pattern, block_size=block_size, damp=damp, factor=u,
+                            mask=None if masks is None else masks[i]) for i, w in enumerate(weights))
 
 
 def _eliminate_columns(w_blk: Tensor, u_blk: Tensor, err_blk: Tensor, mask_blk: Tensor, pattern: Pattern) -> None:
