@@ -312,6 +312,23 @@ def test_row_selection_equals_a_stable_sort_with_many_ties() -> None:
             assert torch.equal(prune_lowest_per_row(scores, count), expected), (trial, count)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+def test_row_selection_in_parallel_chunks_is_the_same(threads: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmprune.sparsity import select
+
+    gen = torch.Generator().manual_seed(threads)
+    scores = torch.randint(0, 50, (37, 64), generator=gen).float()  # ties in most rows
+    scores[::5] = torch.rand(8, 64, generator=gen)  # and rows without any
+    expected = {count: select.prune_lowest_per_row(scores, count) for count in (1, 17, 32, 63, 64)}
+    monkeypatch.setattr(select, "_PARALLEL_MIN", 1)
+    monkeypatch.setattr(select.torch, "get_num_threads", lambda: threads)
+    assert select._row_chunks(37, scores.numel()) == threads
+    for count, mask in expected.items():
+        order = torch.sort(scores, dim=-1, stable=True).indices[:, :count]
+        assert torch.equal(mask, torch.zeros_like(mask).scatter_(1, order, True))
+        assert torch.equal(select.prune_lowest_per_row(scores, count), mask), count
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_wanda_score_leaves_the_weight_alone(dtype: torch.dtype) -> None:
     weight = torch.randn(6, 8).to(dtype)
