@@ -110,12 +110,13 @@ def main() -> None:
     import torch
 
     from llmprune.io.save import write_json_atomic  # noqa: E402  (the repository's own package)
+    from llmprune.report import versions  # noqa: E402
 
     write_json_atomic(args.output, {
         "protocol": "one LLaMA-2-7B-shaped decoder layer in memory, bf16, 8 x 512 random tokens, Wanda 50%; "
                     f"best of {args.repeats}",
         "results": results, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "load_average_at_end": os.getloadavg(),
+        "load_average_at_end": os.getloadavg(), "versions": versions(),
     })
 
 

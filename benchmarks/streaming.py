@@ -179,6 +179,9 @@ def main() -> None:
             "machine": {"cpus": os.cpu_count(), "torch_threads": report["versions"]["torch_threads"],
                         "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
             "versions": report["versions"],
+            "command": " ".join(["benchmarks/streaming.py", *sys.argv[1:]]),
+            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
+                                     text=True).stdout.strip() or None,
         }
         args.results.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.results, result)
