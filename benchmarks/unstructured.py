@@ -120,6 +120,13 @@ def peer(args: argparse.Namespace, work: Path, method: str, pattern: str, calib_
             "versions": {k: v for k, v in rep.items() if k.endswith("version") or k == "versions"}, "folder": str(out)}
 
 
+def refuse_resume(output: Path, what: str) -> None:
+    """Rows of another protocol or processor (CPUs with other vector units round differently) would not
+    compare with new ones: refuse, rather than mix them or overwrite the file."""
+    raise SystemExit(f"--resume: {output} was written with another {what}; its rows would not compare with this "
+                     f"run's. Give another --output, or drop --resume to start a new file.")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
@@ -153,6 +160,10 @@ def main() -> None:
     methods = args.methods.split(",")
     patterns = args.patterns.split(",")
     use_peer = not args.no_peer and args.peer_python.exists()
+    if args.resume and args.output.is_file():  # checked before any work (the protocol, once it is known)
+        old_cpu, cpu = json.loads(args.output.read_text()).get("versions", {}).get("cpu"), versions()["cpu"]
+        if old_cpu and old_cpu != cpu:
+            refuse_resume(args.output, f"processor ({old_cpu}; this one: {cpu})")
 
     work = args.workdir or Path(tempfile.mkdtemp(prefix="llmprune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -185,12 +196,15 @@ def main() -> None:
     finished: set[str] = set()
     if args.resume and args.output.is_file():
         old = json.loads(args.output.read_text())
-        if old.get("protocol") == result["protocol"]:
-            # Kept in the file from the start, so a resumed run that dies loses nothing.
-            result["runs"] = old["runs"]
-            result["dense"] = old.get("dense")
-            result["commands"] = old.get("commands", []) + result["commands"]  # every command that wrote rows
-            finished = {run_key(r["tool"], r["method"], r["pattern"], r.get("request", {})) for r in old["runs"]}
+        # Rows of another protocol or processor would not compare with new ones (CPUs with other
+        # vector units round differently): refuse rather than mix them or overwrite the file.
+        if old.get("protocol") != result["protocol"]:
+            refuse_resume(args.output, "protocol")
+        # Kept in the file from the start, so a resumed run that dies loses nothing.
+        result["runs"] = old["runs"]
+        result["dense"] = old.get("dense")
+        result["commands"] = old.get("commands", []) + result["commands"]  # every command that wrote rows
+        finished = {run_key(r["tool"], r["method"], r["pattern"], r.get("request", {})) for r in old["runs"]}
 
     def done(tool: str, method: str, pattern: str, options: dict[str, Any]) -> bool:
         return run_key(tool, method, pattern, options) in finished

@@ -20,3 +20,15 @@ def test_unstructured_benchmark_rejects_unknown_names(flag: str, value: str, tmp
     assert proc.returncode == 2, proc.stderr
     assert f"{flag}: unknown" in proc.stderr and "choose from" in proc.stderr
     assert not (tmp_path / "work").exists() and not (tmp_path / "out.json").exists()
+
+
+def test_unstructured_benchmark_resume_refuses_another_processor(tmp_path: Path) -> None:
+    out = tmp_path / "out.json"
+    out.write_text('{"protocol": {}, "versions": {"cpu": "a processor that is not this one"}, "runs": []}')
+    before = out.read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "unstructured.py"), "--resume", "--no-peer",
+                           "--output", str(out), "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "--resume" in proc.stderr and "another processor (a processor that is not this one" in proc.stderr
+    assert out.read_bytes() == before and not (tmp_path / "work").exists()
