@@ -160,8 +160,9 @@ def main() -> None:
     methods = args.methods.split(",")
     patterns = args.patterns.split(",")
     use_peer = not args.no_peer and args.peer_python.exists()
-    if args.resume and args.output.is_file():  # checked before any work (the protocol, once it is known)
-        old_cpu, cpu = json.loads(args.output.read_text()).get("versions", {}).get("cpu"), versions()["cpu"]
+    old = json.loads(args.output.read_text()) if args.resume and args.output.is_file() else None
+    if old is not None:  # the processor is checked before any work, the protocol once it is known (below)
+        old_cpu, cpu = old.get("versions", {}).get("cpu"), versions()["cpu"]
         if old_cpu and old_cpu != cpu:
             refuse_resume(args.output, f"processor ({old_cpu}; this one: {cpu})")
 
@@ -194,10 +195,7 @@ def main() -> None:
         return perplexity(net, eval_ids, seqlen=2048, windows=windows)
 
     finished: set[str] = set()
-    if args.resume and args.output.is_file():
-        old = json.loads(args.output.read_text())
-        # Rows of another protocol or processor would not compare with new ones (CPUs with other
-        # vector units round differently): refuse rather than mix them or overwrite the file.
+    if old is not None:
         if old.get("protocol") != result["protocol"]:
             refuse_resume(args.output, "protocol")
         # Kept in the file from the start, so a resumed run that dies loses nothing.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -32,3 +33,18 @@ def test_unstructured_benchmark_resume_refuses_another_processor(tmp_path: Path)
     assert proc.returncode == 1, proc.stderr
     assert "--resume" in proc.stderr and "another processor (a processor that is not this one" in proc.stderr
     assert out.read_bytes() == before and not (tmp_path / "work").exists()
+
+
+def test_unstructured_benchmark_resume_refuses_another_protocol(tmp_path: Path) -> None:
+    from llmprune.report import versions
+
+    out = tmp_path / "out.json"
+    out.write_text(json.dumps({"protocol": {"calibration": "another"}, "versions": {"cpu": versions()["cpu"]},
+                               "runs": [{"kept": True}]}))
+    before = out.read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "unstructured.py"), "--resume", "--no-peer",
+                           "--nsamples", "1", "--seqlen", "16", "--output", str(out), "--workdir", str(tmp_path / "work")],
+                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "--resume" in proc.stderr and "another protocol" in proc.stderr
+    assert out.read_bytes() == before

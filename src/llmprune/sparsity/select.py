@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -42,7 +43,7 @@ def _map_rows(fn: Callable[[slice], None], rows: int, numel: int) -> None:
             _pool, _pool_size = ThreadPoolExecutor(chunks, thread_name_prefix="llmprune-select"), chunks
         pool = _pool
     bounds = [rows * i // chunks for i in range(chunks + 1)]
-    for future in [pool.submit(fn, slice(lo, hi)) for lo, hi in zip(bounds, bounds[1:], strict=False)]:
+    for future in [pool.submit(fn, slice(lo, hi)) for lo, hi in pairwise(bounds)]:
         future.result()
 
 
