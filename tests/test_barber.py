@@ -173,6 +173,39 @@ def test_final_forward_replays_the_rebuilt_attention_bit_for_bit(family: str, mo
         assert torch.equal(replayed(ids).logits, recomputed(ids).logits)
 
 
+def test_spent_activations_are_released_before_the_next_pass(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Barber holds the recorded activations of one sub-block at a time (at 32 x 2048 calibration
+    tokens each copy is as large as SmolLM2's weights): a pass's records are freed before the next
+    pass records its own, and the dense outputs as soon as the error they serve is measured."""
+    import weakref
+
+    from llmprune.methods import barber
+
+    made: list[weakref.ref[Any]] = []
+    live_at_capture: list[int] = []
+    released: list[bool] = []
+    real_init, real_mse = barber._Records.__init__, barber._ErrorAfter.mse
+
+    def init(self: Any, ctx: Any, block: Any) -> None:
+        live_at_capture.append(sum(ref() is not None for ref in made))
+        real_init(self, ctx, block)
+        made.append(weakref.ref(self))
+
+    def mse(self: Any) -> float:
+        targets = [weakref.ref(t) for t in self.dense_out]
+        value = real_mse(self)
+        released.append(all(ref() is None for ref in targets))
+        return value
+
+    monkeypatch.setattr(barber._Records, "__init__", init)
+    monkeypatch.setattr(barber._ErrorAfter, "mse", mse)
+    model = tiny_model("llama")
+    prune(model, Barber(UNSTRUCTURED, BarberOptions(ratio=0.2)), calib())
+    blocks = 2 * len(model_view(model).layers)
+    assert live_at_capture == [0] * blocks
+    assert released == [True] * blocks
+
+
 def test_ratio_zero_is_the_initializer_alone() -> None:
     ids = calib()
     for family in ("llama", "opt"):

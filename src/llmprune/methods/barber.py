@@ -314,8 +314,12 @@ class _ErrorAfter:
             handle.remove()
 
     def mse(self) -> float:
+        """The error once every batch ran; the dense outputs it compared with are released (a copy of
+        the sub-block's output for every calibration token: at 32 x 2048 tokens as large as SmolLM2's
+        weights), so only the recorded module outputs stay for :func:`_replayed`."""
         if self.calls != len(self.dense_out):
             raise RuntimeError(f"the rebuilt sub-block ran {self.calls} times for {len(self.dense_out)} batches")
+        self.dense_out = []
         return self.sse / max(self.numel, 1)
 
 
@@ -452,9 +456,13 @@ class Barber(Method):
             # that sits directly in the layer (OPT's fc1/fc2) has no module to hook: both re-run.
             defer = not self.opts.guard and not block.replay
             block_swaps, reconstruction[block.kind], dense_out = self._rebuild(ctx, block, params, records, defer)
+            # Its recorded inputs and pruned outputs are spent: free them before the next pass records
+            # its own (each is one activation copy of every calibration token).
+            del records
             # The attention's outputs in the MLP's capture are kept for the final forward (_replayed).
             keep_on = ctx.cache_device if block.kind == "attn" else None
             pending = (block.kind, _ErrorAfter(block.runner, dense_out, keep_on)) if defer else None
+            del dense_out  # held by ``pending`` until its error is measured
             if pending is not None and keep_on is not None:
                 attn_after = pending[1]
             swaps.update(block_swaps)
