@@ -202,6 +202,8 @@ def main() -> None:
         result["runs"] = old["runs"]
         result["dense"] = old.get("dense")
         result["commands"] = old.get("commands", []) + result["commands"]  # every command that wrote rows
+        if old.get("notes"):  # what was written about the earlier rows (load, pauses) stays with them
+            result["notes"] = old["notes"]
         finished = {run_key(r["tool"], r["method"], r["pattern"], r.get("request", {})) for r in old["runs"]}
 
     def done(tool: str, method: str, pattern: str, options: dict[str, Any]) -> bool:

@@ -48,3 +48,22 @@ def test_unstructured_benchmark_resume_refuses_another_protocol(tmp_path: Path) 
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "--resume" in proc.stderr and "another protocol" in proc.stderr
     assert out.read_bytes() == before
+
+
+def test_unstructured_benchmark_resume_keeps_the_files_notes(tmp_path: Path) -> None:
+    """Notes written into a results file (which rows shared the CPU, which were stopped) stay with its
+    rows when ``--resume`` adds more."""
+    out = tmp_path / "out.json"
+    cmd = [sys.executable, str(REPO / "benchmarks" / "unstructured.py"), "--no-peer", "--methods", "magnitude",
+           "--patterns", "unstructured", "--nsamples", "1", "--seqlen", "16", "--eval-windows", "1",
+           "--output", str(out), "--workdir", str(tmp_path / "work")]
+    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    data = json.loads(out.read_text())
+    data["notes"] = ["the magnitude row shared the CPU"]
+    out.write_text(json.dumps(data))
+    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    resumed = json.loads(out.read_text())
+    assert resumed["notes"] == ["the magnitude row shared the CPU"]
+    assert resumed["runs"] == data["runs"] and len(resumed["commands"]) == 2
