@@ -12,12 +12,17 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def unstructured(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[str]:
+    """``benchmarks/unstructured.py`` with ``args``, as a user runs it."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / "unstructured.py"), *args],
+                          capture_output=True, text=True, cwd=REPO, timeout=timeout)
+
+
 @pytest.mark.parametrize(("flag", "value"), [("--methods", "wanda,wandda"), ("--barber-configs", "presets,reconstrut"),
                                              ("--peer-methods", "magnitude")])
 def test_unstructured_benchmark_rejects_unknown_names(flag: str, value: str, tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "unstructured.py"), flag, value,
-                           "--output", str(tmp_path / "out.json"), "--workdir", str(tmp_path / "work")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = unstructured(flag, value, "--output", str(tmp_path / "out.json"), "--workdir", str(tmp_path / "work"),
+                        timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"{flag}: unknown" in proc.stderr and "choose from" in proc.stderr
     assert not (tmp_path / "work").exists() and not (tmp_path / "out.json").exists()
@@ -27,9 +32,7 @@ def test_unstructured_benchmark_resume_refuses_another_processor(tmp_path: Path)
     out = tmp_path / "out.json"
     out.write_text('{"protocol": {}, "versions": {"cpu": "a processor that is not this one"}, "runs": []}')
     before = out.read_bytes()
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "unstructured.py"), "--resume", "--no-peer",
-                           "--output", str(out), "--workdir", str(tmp_path / "work")],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = unstructured("--resume", "--no-peer", "--output", str(out), "--workdir", str(tmp_path / "work"), timeout=120)
     assert proc.returncode == 1, proc.stderr
     assert "--resume" in proc.stderr and "another processor (a processor that is not this one" in proc.stderr
     assert out.read_bytes() == before and not (tmp_path / "work").exists()
@@ -42,9 +45,8 @@ def test_unstructured_benchmark_resume_refuses_another_protocol(tmp_path: Path) 
     out.write_text(json.dumps({"protocol": {"calibration": "another"}, "versions": {"cpu": versions()["cpu"]},
                                "runs": [{"kept": True}]}))
     before = out.read_bytes()
-    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "unstructured.py"), "--resume", "--no-peer",
-                           "--nsamples", "1", "--seqlen", "16", "--output", str(out), "--workdir", str(tmp_path / "work")],
-                          capture_output=True, text=True, cwd=REPO, timeout=600)
+    proc = unstructured("--resume", "--no-peer", "--nsamples", "1", "--seqlen", "16", "--output", str(out),
+                        "--workdir", str(tmp_path / "work"))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "--resume" in proc.stderr and "another protocol" in proc.stderr
     assert out.read_bytes() == before
@@ -54,15 +56,14 @@ def test_unstructured_benchmark_resume_keeps_the_files_notes(tmp_path: Path) -> 
     """Notes written into a results file (which rows shared the CPU, which were stopped) stay with its
     rows when ``--resume`` adds more."""
     out = tmp_path / "out.json"
-    cmd = [sys.executable, str(REPO / "benchmarks" / "unstructured.py"), "--no-peer", "--methods", "magnitude",
-           "--patterns", "unstructured", "--nsamples", "1", "--seqlen", "16", "--eval-windows", "1",
-           "--output", str(out), "--workdir", str(tmp_path / "work")]
-    first = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600)
+    args = ["--no-peer", "--methods", "magnitude", "--patterns", "unstructured", "--nsamples", "1", "--seqlen", "16",
+            "--eval-windows", "1", "--output", str(out), "--workdir", str(tmp_path / "work")]
+    first = unstructured(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     data = json.loads(out.read_text())
     data["notes"] = ["the magnitude row shared the CPU"]
     out.write_text(json.dumps(data))
-    again = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, cwd=REPO, timeout=600)
+    again = unstructured(*args, "--resume")
     assert again.returncode == 0, again.stderr[-3000:]
     resumed = json.loads(out.read_text())
     assert resumed["notes"] == ["the magnitude row shared the CPU"]
