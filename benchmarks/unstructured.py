@@ -143,6 +143,8 @@ def main() -> None:
     ap.add_argument("--barber-configs", default="presets,extras",
                     help="which Barber runs: presets (the paper's, per initializer), extras (other rules and "
                          "retained reconstruction), reconstruct (the reconstruct extension)")
+    ap.add_argument("--barber-inits", default="magnitude,wanda,sparsegpt",
+                    help="only the Barber runs over these initializers (comma-separated; the sweep is over Wanda)")
     ap.add_argument("--peer-methods", default="wanda,sparsegpt", help="llm-compressor runs beside ours")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-python", type=Path, default=REPO / ".venv-peer" / "bin" / "python")
@@ -153,6 +155,7 @@ def main() -> None:
     windows = None if args.all_windows else args.eval_windows
     for flag, value, known in (("--methods", args.methods, set(METHODS.names())),
                                ("--barber-configs", args.barber_configs, {"presets", "extras", "reconstruct"}),
+                               ("--barber-inits", args.barber_inits, set(BARBER_PRESETS)),
                                ("--peer-methods", args.peer_methods, {"wanda", "sparsegpt"})):
         unknown = sorted(set(value.split(",")) - known)
         if unknown:
@@ -230,7 +233,7 @@ def main() -> None:
                 todo = ([{"init": init, **preset} for init, preset in BARBER_PRESETS.items()] if "presets" in configs else [])
                 todo += BARBER_EXTRAS[kind] if "extras" in configs else []
                 todo += BARBER_RECONSTRUCT[kind] if "reconstruct" in configs else []
-                for options in todo:
+                for options in (o for o in todo if o["init"] in args.barber_inits.split(",")):
                     done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
             else:
                 done("llmprune", method, pattern, {}) or record(ours(args, work, method, pattern, {}))

@@ -19,7 +19,7 @@ def unstructured(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--methods", "wanda,wandda"), ("--barber-configs", "presets,reconstrut"),
-                                             ("--peer-methods", "magnitude")])
+                                             ("--barber-inits", "wanda,magnitud"), ("--peer-methods", "magnitude")])
 def test_unstructured_benchmark_rejects_unknown_names(flag: str, value: str, tmp_path: Path) -> None:
     proc = unstructured(flag, value, "--output", str(tmp_path / "out.json"), "--workdir", str(tmp_path / "work"),
                         timeout=120)
