@@ -162,6 +162,7 @@ def main() -> None:
             ap.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))} (comma-separated)")
     methods = args.methods.split(",")
     patterns = args.patterns.split(",")
+    barber_inits = args.barber_inits.split(",")
     use_peer = not args.no_peer and args.peer_python.exists()
     old = json.loads(args.output.read_text()) if args.resume and args.output.is_file() else None
     if old is not None:  # the processor is checked before any work, the protocol once it is known (below)
@@ -233,7 +234,7 @@ def main() -> None:
                 todo = ([{"init": init, **preset} for init, preset in BARBER_PRESETS.items()] if "presets" in configs else [])
                 todo += BARBER_EXTRAS[kind] if "extras" in configs else []
                 todo += BARBER_RECONSTRUCT[kind] if "reconstruct" in configs else []
-                for options in (o for o in todo if o["init"] in args.barber_inits.split(",")):
+                for options in (o for o in todo if o["init"] in barber_inits):
                     done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
             else:
                 done("llmprune", method, pattern, {}) or record(ours(args, work, method, pattern, {}))
