@@ -63,6 +63,21 @@ BARBER_RECONSTRUCT: dict[str, list[dict[str, Any]]] = {  # the reconstruct exten
     "nm": [{"init": "sparsegpt", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True},
            {"init": "wanda", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True}],
 }
+BARBER_EXACT: dict[str, list[dict[str, Any]]] = {  # reconstruct with the exact row-wise solver; last, ratio 0:
+    # the initializer's own mask with exactly re-solved weights (what the solver alone gives)
+    "unstructured": [{"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "reconstruct": True,
+                      "reconstruct_solver": "exact"},
+                     {"init": "wanda", "granularity": "output", "ratio": 0.1, "reconstruct": True,
+                      "reconstruct_solver": "exact"},
+                     {"init": "sparsegpt", "granularity": "layer", "ratio": 0.0, "reconstruct": True,
+                      "reconstruct_solver": "exact"}],
+    "nm": [{"init": "sparsegpt", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True,
+            "reconstruct_solver": "exact"},
+           {"init": "wanda", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True,
+            "reconstruct_solver": "exact"},
+           {"init": "sparsegpt", "granularity": "output", "ratio": 0.0, "nm_rule": "paired", "reconstruct": True,
+            "reconstruct_solver": "exact"}],
+}
 BARBER_PRESETS = {  # LLM-Barber's reference hyper-parameters per initializer
     "magnitude": {"granularity": "block", "ratio": 0.1},
     "wanda": {"granularity": "output", "ratio": 0.01},
@@ -142,7 +157,8 @@ def main() -> None:
     ap.add_argument("--barber-sweep", action="store_true", help="also sweep Barber ratio and granularity on Wanda")
     ap.add_argument("--barber-configs", default="presets,extras",
                     help="which Barber runs: presets (the paper's, per initializer), extras (other rules and "
-                         "retained reconstruction), reconstruct (the reconstruct extension)")
+                         "retained reconstruction), reconstruct (the reconstruct extension), exact (reconstruct with "
+                         "the exact row-wise solver)")
     ap.add_argument("--barber-inits", default="magnitude,wanda,sparsegpt",
                     help="only the Barber runs over these initializers (comma-separated; the sweep is over Wanda)")
     ap.add_argument("--peer-methods", default="wanda,sparsegpt", help="llm-compressor runs beside ours")
@@ -154,7 +170,7 @@ def main() -> None:
     args = ap.parse_args()
     windows = None if args.all_windows else args.eval_windows
     for flag, value, known in (("--methods", args.methods, set(METHODS.names())),
-                               ("--barber-configs", args.barber_configs, {"presets", "extras", "reconstruct"}),
+                               ("--barber-configs", args.barber_configs, {"presets", "extras", "reconstruct", "exact"}),
                                ("--barber-inits", args.barber_inits, set(BARBER_PRESETS)),
                                ("--peer-methods", args.peer_methods, {"wanda", "sparsegpt"})):
         unknown = sorted(set(value.split(",")) - known)
@@ -234,6 +250,7 @@ def main() -> None:
                 todo = ([{"init": init, **preset} for init, preset in BARBER_PRESETS.items()] if "presets" in configs else [])
                 todo += BARBER_EXTRAS[kind] if "extras" in configs else []
                 todo += BARBER_RECONSTRUCT[kind] if "reconstruct" in configs else []
+                todo += BARBER_EXACT[kind] if "exact" in configs else []
                 for options in (o for o in todo if o["init"] in barber_inits):
                     done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
             else:

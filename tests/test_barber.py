@@ -263,6 +263,34 @@ def test_reconstruct_at_ratio_zero_is_sparsegpt_and_lowers_the_error_of_a_rebuil
         assert int((w == 0).sum()) >= int(0.5 * w.numel()), name
 
 
+@pytest.mark.parametrize("pattern", [Pattern(0.5, scope="matrix"), TWO_FOUR], ids=str)
+def test_the_exact_solver_keeps_the_masks_and_lowers_the_error(pattern: Pattern) -> None:
+    """``reconstruct_solver=exact``: SparseGPT's masks at ratio 0 with other values; at ratio > 0 the
+    same swaps in layer 0's attention as the OBS solver and a lower error after rebuilding."""
+    runs = {}
+    ids = calib()
+    sgpt, model = tiny_model("llama"), tiny_model("llama")
+    prune(sgpt, SparseGPT(pattern, SparseGPTOptions()), ids)
+    prune(model, Barber(pattern, BarberOptions(init="sparsegpt", ratio=0.0, reconstruct=True,
+                                               reconstruct_solver="exact")), ids)
+    for name, w in weights_of(model).items():  # layer 0: the same inputs (later ones see other outputs)
+        ref = weights_of(sgpt)[name]
+        if name.startswith("0."):
+            assert torch.equal(w == 0, ref == 0) and not torch.equal(w, ref), name
+    for solver in ("obs", "exact"):
+        net = tiny_model("llama")
+        options = BarberOptions(init="wanda", granularity="output", ratio=0.3, reconstruct=True, reconstruct_solver=solver)
+        runs[solver] = (net, prune(net, Barber(pattern, options), ids))
+    (obs_model, obs_reports), (exact_model, exact_reports) = runs["obs"], runs["exact"]
+    attn = [{n: c for n, c in r[0]["swaps"].items() if n.startswith("self_attn")} for r in (obs_reports, exact_reports)]
+    assert attn[0] == attn[1] and sum(attn[0].values()) > 0  # the MLP sees a different attention output
+    assert exact_reports[0]["reconstruction"]["attn"]["mse_after"] < obs_reports[0]["reconstruction"]["attn"]["mse_after"]
+    for name in model_view(exact_model).layers[0].linears:
+        if name.startswith("self_attn"):
+            w, p = weights_of(exact_model)[f"0.{name}"], weights_of(obs_model)[f"0.{name}"]
+            assert torch.equal(w == 0, p == 0) and not torch.equal(w, p), name
+
+
 @pytest.mark.parametrize("pattern", [TWO_FOUR, Pattern(0.5, scope="row"), Pattern(0.5, scope="matrix")], ids=str)
 def test_sparsegpt_solves_linears_sharing_an_input_together_with_the_same_result(
         pattern: Pattern, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -337,6 +365,8 @@ def test_api_and_reference_recipes(calib_file: Path) -> None:
     ({"method_options": {"granularity": "row"}}, "granularity"),
     ({"method_options": {"fraction": 0.1}}, "fraction"),
     ({"method_options": {"reconstruct": True, "retain_reconstruction": True}}, "exclude each other"),
+    ({"method_options": {"reconstruct_solver": "exact"}}, "reconstruct is off"),
+    ({"method_options": {"reconstruct": True, "reconstruct_solver": "admm"}}, "reconstruct_solver"),
 ])
 def test_bad_input_fails_before_any_work(kwargs: dict[str, Any], message: str, calib_file: Path) -> None:
     model = tiny_model("llama")

@@ -1,0 +1,77 @@
+"""The exact fixed-mask reconstruction: one least-squares solve per row, against float64 references
+and SparseGPT's OBS updates for the same mask."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from llmprune.sparsity.exact_solver import damped_hessian, masked_least_squares
+from llmprune.sparsity.obs_solver import sparsegpt_prune
+from llmprune.sparsity.patterns import Pattern
+
+
+def problem(rows: int = 24, cols: int = 40, tokens: int = 256, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense weights and the Hessian of correlated inputs, one of them always zero."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens, cols, generator=g) @ torch.randn(cols, cols, generator=g) * 0.3 \
+        + torch.randn(tokens, cols, generator=g)
+    x[:, 3] = 0.0
+    return torch.randn(rows, cols, generator=g), x.T @ x
+
+
+def error(w: torch.Tensor, w0: torch.Tensor, h: torch.Tensor) -> float:
+    """The damped objective both solvers minimize: sum over rows of (w - w0) H (w - w0)^T."""
+    d = (w - w0).double()
+    return float(torch.einsum("ri,ij,rj->", d, damped_hessian(h, 0.01).double(), d))
+
+
+def reference(w0: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Row by row in float64: the kept weights solve H_KK w_K = (H w0)_K."""
+    hd = damped_hessian(h, 0.01).double()
+    out = torch.zeros_like(w0, dtype=torch.float64)
+    for r in range(w0.shape[0]):
+        keep = torch.nonzero(~mask[r]).flatten()
+        if keep.numel():
+            out[r, keep] = torch.linalg.solve(hd[keep][:, keep], (hd @ w0[r].double())[keep])
+    return out
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 4 * 20 * 20 * 3, 2**28])
+def test_matches_a_float64_row_by_row_solve_for_rows_of_different_counts(chunk_bytes: int) -> None:
+    w0, h = problem()
+    mask = torch.rand(w0.shape, generator=torch.Generator().manual_seed(1)) < torch.linspace(0, 1, w0.shape[0])[:, None]
+    mask[0] = False  # a row that keeps everything is returned as it is
+    mask[-1] = True  # a row that keeps nothing is zero
+    w = masked_least_squares(w0, h, mask, chunk_bytes=chunk_bytes)
+    assert w.dtype == torch.float32 and bool((w[mask] == 0).all())
+    torch.testing.assert_close(w.double(), reference(w0, h, mask), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(w[0], w0[0], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("pattern", [Pattern(0.5, n=2, m=4), Pattern(0.5), Pattern(0.7, scope="matrix")], ids=str)
+def test_never_a_larger_error_than_sparsegpt_for_the_same_mask(pattern: Pattern) -> None:
+    for seed in range(3):
+        w0, h = problem(seed=seed)
+        w_sgpt, mask = sparsegpt_prune(w0, h, pattern)
+        w = masked_least_squares(w0, h, mask)
+        assert bool((w[mask] == 0).all())
+        assert error(w, w0, h) < error(w_sgpt, w0, h) * 0.999, seed  # strictly lower on correlated inputs
+
+
+def test_a_singular_system_is_retried_with_more_dampening() -> None:
+    """Without dampening, inputs that are copies of each other make kept-weight systems singular."""
+    w0, h = problem(cols=16)
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(2)).repeat(1, 4)  # rank 4, 16 columns
+    mask = torch.zeros(w0.shape[0], 16, dtype=torch.bool)
+    mask[:, ::2] = True
+    w = masked_least_squares(w0[:, :16], x.T @ x, mask, damp=0.0)
+    assert bool(torch.isfinite(w).all()) and bool((w[mask] == 0).all())
+
+
+def test_rejects_a_mask_or_hessian_of_the_wrong_shape() -> None:
+    w0, h = problem()
+    with pytest.raises(ValueError, match="mask must be bool"):
+        masked_least_squares(w0, h, torch.zeros(w0.shape))
+    with pytest.raises(ValueError, match="Hessian must be"):
+        masked_least_squares(w0, h[:-1, :-1], torch.zeros(w0.shape, dtype=torch.bool))
