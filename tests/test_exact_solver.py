@@ -3,6 +3,9 @@ and SparseGPT's OBS updates for the same mask."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -67,6 +70,21 @@ def test_a_singular_system_is_retried_with_more_dampening() -> None:
     mask[:, ::2] = True
     w = masked_least_squares(w0[:, :16], x.T @ x, mask, damp=0.0)
     assert bool(torch.isfinite(w).all()) and bool((w[mask] == 0).all())
+
+
+def test_solves_after_the_thread_count_was_set() -> None:
+    """SparseGPT's column loop calls torch.set_num_threads; afterwards MKL's batched LU solve breaks
+    on CPU (PyTorch 2.13), so the solver must not depend on it. In a fresh process, with a time limit."""
+    code = ("import torch\n"
+            "from llmprune.sparsity.exact_solver import masked_least_squares\n"
+            "torch.set_num_threads(1); torch.set_num_threads(2)\n"
+            "g = torch.Generator().manual_seed(0)\n"
+            "x = torch.randn(1024, 384, generator=g); w = torch.randn(64, 384, generator=g)\n"
+            "mask = torch.zeros(64, 384, dtype=torch.bool); mask[:, 1::2] = True\n"
+            "out = masked_least_squares(w, x.T @ x, mask)\n"
+            "assert bool(torch.isfinite(out).all())\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ERROR" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_rejects_a_mask_or_hessian_of_the_wrong_shape() -> None:

@@ -74,24 +74,25 @@ def masked_least_squares(weight: Tensor, hessian: Tensor, mask: Tensor, *, damp:
 
 
 def _solve_rows(h: Tensor, idx: Tensor, b: Tensor, lam: float) -> Tensor:
-    """Solve H[idx_r, idx_r] x_r = b_r for every row r; rows whose system is singular in float32 (or
-    whose solution is not finite) get 10x more dampening, up to 10^6x.
+    """Solve H[idx_r, idx_r] x_r = b_r for every row r (batched Cholesky); rows whose system is not
+    positive definite in float32 get 10x more dampening, up to 10^6x.
 
-    Batched LU (``torch.linalg.solve_ex``) rather than Cholesky: the systems are symmetric positive
-    definite once damped, and on CPU PyTorch's batched LU solve is about 8x faster than its batched
-    Cholesky for these sizes (measured: 64 systems of 288 x 288, 35 ms against 275 ms on 2 cores)."""
+    Not batched LU (``torch.linalg.solve_ex``): with PyTorch 2.13's CPU build, once anything has
+    called ``torch.set_num_threads`` (SparseGPT's column loop does), MKL's batched LU solve fails
+    ("Parameter 6 was incorrect on entry to SLASWP") and slows to a crawl; Cholesky is unaffected
+    and as fast for these systems (tested in a fresh process)."""
     systems = h[idx.unsqueeze(2), idx.unsqueeze(1)]  # (r, k, k)
-    x, info = torch.linalg.solve_ex(systems, b.unsqueeze(2))
-    failed = torch.nonzero((info != 0) | ~torch.isfinite(x).all(dim=(1, 2))).flatten()
+    chol, info = torch.linalg.cholesky_ex(systems)
+    failed = torch.nonzero(info).flatten()
     extra = lam
     for _ in range(6):
         if failed.numel() == 0:
             break
         extra *= 10
         eye = torch.eye(systems.shape[1], dtype=systems.dtype, device=systems.device)
-        x_retry, info_retry = torch.linalg.solve_ex(systems[failed] + extra * eye, b[failed].unsqueeze(2))
-        x[failed] = x_retry
-        failed = failed[(info_retry != 0) | ~torch.isfinite(x_retry).all(dim=(1, 2))]
+        fixed, info_retry = torch.linalg.cholesky_ex(systems[failed] + extra * eye)
+        chol[failed] = fixed
+        failed = failed[info_retry != 0]
     if failed.numel():
-        raise torch.linalg.LinAlgError("a row's kept-weight Hessian is singular even after 10^6x dampening")
-    return x.squeeze(2)
+        raise torch.linalg.LinAlgError("a row's kept-weight Hessian is not positive definite even after 10^6x dampening")
+    return torch.cholesky_solve(b.unsqueeze(2), chol).squeeze(2)
