@@ -10,8 +10,8 @@ SparseGPT's column-by-column OBS updates (:mod:`.obs_solver`) solve the same pro
 approximately: once a column is passed its kept weights are frozen, so they never compensate for
 weights pruned to their right (the price SparseGPT pays for sharing one H^-1 between rows with
 different masks). The exact solve therefore never has a larger calibration error for the same mask
-(up to rounding; tested), at a cost of O(rows * k^3) instead of O(cols^3 + rows * cols^2): about a
-minute over all of SmolLM2's linears on two CPU cores, and for a 7B model a job for a GPU.
+(up to rounding; tested), at a cost of O(rows * k^3) instead of O(cols^3 + rows * cols^2): about
+two minutes over all of SmolLM2's linears at 2:4 on two CPU cores, and for a 7B model a job for a GPU.
 
 Dampening follows SparseGPT's reference (``damp`` times the mean of H's diagonal on every
 diagonal entry; an input that is always zero gets diagonal 1 first), so with the same ``damp``
