@@ -63,20 +63,11 @@ BARBER_RECONSTRUCT: dict[str, list[dict[str, Any]]] = {  # the reconstruct exten
     "nm": [{"init": "sparsegpt", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True},
            {"init": "wanda", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True}],
 }
-BARBER_EXACT: dict[str, list[dict[str, Any]]] = {  # reconstruct with the exact row-wise solver; last, ratio 0:
-    # the initializer's own mask with exactly re-solved weights (what the solver alone gives)
-    "unstructured": [{"init": "sparsegpt", "granularity": "layer", "ratio": 0.1, "reconstruct": True,
-                      "reconstruct_solver": "exact"},
-                     {"init": "wanda", "granularity": "output", "ratio": 0.1, "reconstruct": True,
-                      "reconstruct_solver": "exact"},
-                     {"init": "sparsegpt", "granularity": "layer", "ratio": 0.0, "reconstruct": True,
-                      "reconstruct_solver": "exact"}],
-    "nm": [{"init": "sparsegpt", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True,
-            "reconstruct_solver": "exact"},
-           {"init": "wanda", "granularity": "output", "ratio": 0.01, "nm_rule": "paired", "reconstruct": True,
-            "reconstruct_solver": "exact"},
-           {"init": "sparsegpt", "granularity": "output", "ratio": 0.0, "nm_rule": "paired", "reconstruct": True,
-            "reconstruct_solver": "exact"}],
+BARBER_EXACT: dict[str, list[dict[str, Any]]] = {  # the reconstruct runs with the exact row-wise solver; last,
+    # ratio 0: the initializer's own mask with exactly re-solved weights (what the solver alone gives)
+    kind: [{**o, "reconstruct_solver": "exact"} for o in runs]
+    + [{**runs[0], "ratio": 0.0, "reconstruct_solver": "exact"}]
+    for kind, runs in BARBER_RECONSTRUCT.items()
 }
 BARBER_PRESETS = {  # LLM-Barber's reference hyper-parameters per initializer
     "magnitude": {"granularity": "block", "ratio": 0.1},

@@ -273,10 +273,10 @@ def test_the_exact_solver_keeps_the_masks_and_lowers_the_error(pattern: Pattern)
     prune(sgpt, SparseGPT(pattern, SparseGPTOptions()), ids)
     prune(model, Barber(pattern, BarberOptions(init="sparsegpt", ratio=0.0, reconstruct=True,
                                                reconstruct_solver="exact")), ids)
+    reference = weights_of(sgpt)
     for name, w in weights_of(model).items():  # layer 0: the same inputs (later ones see other outputs)
-        ref = weights_of(sgpt)[name]
         if name.startswith("0."):
-            assert torch.equal(w == 0, ref == 0) and not torch.equal(w, ref), name
+            assert torch.equal(w == 0, reference[name] == 0) and not torch.equal(w, reference[name]), name
     for solver in ("obs", "exact"):
         net = tiny_model("llama")
         options = BarberOptions(init="wanda", granularity="output", ratio=0.3, reconstruct=True, reconstruct_solver=solver)
@@ -285,9 +285,10 @@ def test_the_exact_solver_keeps_the_masks_and_lowers_the_error(pattern: Pattern)
     attn = [{n: c for n, c in r[0]["swaps"].items() if n.startswith("self_attn")} for r in (obs_reports, exact_reports)]
     assert attn[0] == attn[1] and sum(attn[0].values()) > 0  # the MLP sees a different attention output
     assert exact_reports[0]["reconstruction"]["attn"]["mse_after"] < obs_reports[0]["reconstruction"]["attn"]["mse_after"]
+    exact_weights, obs_weights = weights_of(exact_model), weights_of(obs_model)
     for name in model_view(exact_model).layers[0].linears:
         if name.startswith("self_attn"):
-            w, p = weights_of(exact_model)[f"0.{name}"], weights_of(obs_model)[f"0.{name}"]
+            w, p = exact_weights[f"0.{name}"], obs_weights[f"0.{name}"]
             assert torch.equal(w == 0, p == 0) and not torch.equal(w, p), name
 
 

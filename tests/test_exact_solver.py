@@ -26,12 +26,12 @@ def problem(rows: int = 24, cols: int = 40, tokens: int = 256, seed: int = 0) ->
 def error(w: torch.Tensor, w0: torch.Tensor, h: torch.Tensor) -> float:
     """The damped objective both solvers minimize: sum over rows of (w - w0) H (w - w0)^T."""
     d = (w - w0).double()
-    return float(torch.einsum("ri,ij,rj->", d, damped_hessian(h, 0.01).double(), d))
+    return float(torch.einsum("ri,ij,rj->", d, damped_hessian(h, 0.01)[0].double(), d))
 
 
 def reference(w0: torch.Tensor, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Row by row in float64: the kept weights solve H_KK w_K = (H w0)_K."""
-    hd = damped_hessian(h, 0.01).double()
+    hd = damped_hessian(h, 0.01)[0].double()
     out = torch.zeros_like(w0, dtype=torch.float64)
     for r in range(w0.shape[0]):
         keep = torch.nonzero(~mask[r]).flatten()

@@ -25,17 +25,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .obs_solver import dampening
+
 # Bytes of gathered (k x k) systems solved at once: bounds the solver's extra memory.
 CHUNK_BYTES = 16 * 2**20
 
 
-def damped_hessian(hessian: Tensor, damp: float) -> Tensor:
-    """float32 copy of H with dead inputs' diagonal set to 1 and ``damp * mean(diag)`` added to it."""
-    h = hessian.float().clone()
-    diag = torch.diagonal(h)
-    diag[diag == 0] = 1.0
-    diag += damp * torch.mean(diag)
-    return h
+def damped_hessian(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
+    """float32 H + lambda * I with SparseGPT's dampening (:func:`.obs_solver.dampening`), and lambda."""
+    h, lam = dampening(hessian, damp)
+    torch.diagonal(h).add_(lam)
+    return h, float(lam)
 
 
 def masked_least_squares(weight: Tensor, hessian: Tensor, mask: Tensor, *, damp: float = 0.01,
@@ -52,9 +52,9 @@ def masked_least_squares(weight: Tensor, hessian: Tensor, mask: Tensor, *, damp:
     if hessian.shape != (cols, cols):
         raise ValueError(f"the Hessian must be ({cols}, {cols}), got {tuple(hessian.shape)}")
     device = weight.device
-    h = damped_hessian(hessian.to(device), damp)
-    # the dampening just added; retries start from it (from 1e-6 of the mean diagonal without any)
-    lam = float(torch.mean(torch.diagonal(h))) * (damp / (1.0 + damp) if damp > 0 else 1e-6)
+    h, lam = damped_hessian(hessian.to(device), damp)
+    if lam == 0:  # retries add 10x more each time: start from 1e-6 of the mean diagonal without dampening
+        lam = 1e-6 * float(torch.mean(torch.diagonal(h)))
     w0 = weight.detach().float()
     rhs = w0 @ h  # (rows, cols): row i is (H w0_i)^T, H symmetric
     keep = ~mask.to(device)

@@ -46,13 +46,19 @@ def _single_thread_on_cpu(device: torch.device) -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
-def inverse_hessian_factor(hessian: Tensor, damp: float) -> Tensor:
-    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, float32. hessian: (cols, cols)."""
+def dampening(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor]:
+    """The reference's dampening, shared with :mod:`.exact_solver`: a float32 copy of H whose dead
+    inputs (always zero) get diagonal 1, and lambda = ``damp`` * the mean of that diagonal (not yet
+    added: callers retry with 10x more)."""
     h = hessian.float().clone()
     diag = torch.diagonal(h)
-    dead = diag == 0
-    diag[dead] = 1.0
-    lam = damp * torch.mean(diag)
+    diag[diag == 0] = 1.0
+    return h, damp * torch.mean(diag)
+
+
+def inverse_hessian_factor(hessian: Tensor, damp: float) -> Tensor:
+    """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, float32. hessian: (cols, cols)."""
+    h, lam = dampening(hessian, damp)
     idx = torch.arange(h.shape[0], device=h.device)
     for attempt in range(6):
         try:
