@@ -53,11 +53,12 @@ C4 32 x 256 calibration, WikiText-2 16 x 2048): 50% over SparseGPT at layer gran
 paired rule, ratio 0.01: 82.12 against 83.62 (llm-compressor's 86.51). At 2:4 only a few swaps
 help (ratio 0.1 gave 87.2, same protocol, outside the benchmark file): the masks of a reconstructing pruner are already fitted to its updates.
 ``reconstruct_solver="exact"`` re-solves the kept weights of each output row exactly (one
-least-squares system per row, :func:`llmprune.sparsity.exact_solver.masked_least_squares`) instead
+least-squares problem per row, :func:`llmprune.sparsity.exact_solver.masked_least_squares`) instead
 of by OBS updates, which freeze a column's kept weights once it is passed and so never let them
 compensate for weights pruned to their right. For the same mask its calibration error is never
-larger (tested); its cost is O(rows * k^3) for k kept weights per row, about 140 s more than OBS
-over SmolLM2's linears on two CPU cores. Measured at 2:4 with the issue's protocol
+larger (tested). It runs preconditioned conjugate gradients from the OBS solution (dense products,
+all rows at once); the batched Cholesky solve it replaced cost about 150 s on SmolLM2's linears on
+two CPU cores, the conjugate gradients about a quarter of that (module docstring). Measured at 2:4 with the issue's protocol
 (``benchmarks/results/barber_full_24_exact.json``: C4 32 x 2048, WikiText-2 32 x 2048): over
 SparseGPT (output, ratio 0.01, paired) 99.54 against SparseGPT's 112.81 (OBS solver: 115.76); over
 Wanda 101.27 against 188.84; SparseGPT's own mask re-solved exactly (ratio 0) 99.98.
@@ -500,14 +501,19 @@ class Barber(Method):
 
     def _reconstructed(self, ctx: Any, weights: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
         """``reconstruct``: each linear's kept weights re-solved from its dense ones for its rebuilt mask.
-        ``exact``: row by row (:func:`masked_least_squares`). ``obs``: linears fed the same input share
-        one statistics object (q/k/v, gate/up) and are solved as one stacked matrix (one factorization
-        of H^-1, one column loop; the same result)."""
-        if self.opts.reconstruct_solver == "exact":
-            return {n: masked_least_squares(w.detach(), ctx.stats[n].hessian, masks[n]) for n, w in weights.items()}
+        Linears fed the same input share one statistics object (q/k/v, gate/up) and are solved as one
+        stacked matrix (rows are independent in both solvers: the same result, one factorization of
+        the Hessian). ``exact``: :func:`masked_least_squares`; ``obs``: SparseGPT's column loop."""
         out: dict[str, Tensor] = {}
         for names in ctx.shared_input_groups(weights):
-            solved = sparsegpt_prune_stacked([weights[n].detach() for n in names], ctx.stats[names[0]].hessian,
+            hessian = ctx.stats[names[0]].hessian
+            if self.opts.reconstruct_solver == "exact":
+                rows = [int(weights[n].shape[0]) for n in names]
+                stacked = masked_least_squares(torch.cat([weights[n].detach() for n in names]), hessian,
+                                               torch.cat([masks[n] for n in names]))
+                out.update(zip(names, stacked.split(rows), strict=True))
+                continue
+            solved = sparsegpt_prune_stacked([weights[n].detach() for n in names], hessian,
                                              Pattern(0.0), masks=[masks[n] for n in names])
             out.update({n: w for n, (w, _) in zip(names, solved, strict=True)})
         return out

@@ -1,4 +1,4 @@
-"""Exact layer-wise reconstruction for a fixed sparsity mask: one least-squares solve per output row.
+"""Exact layer-wise reconstruction for a fixed sparsity mask: one least-squares problem per output row.
 
 For a linear with dense weights W0 (rows, cols), input Hessian H = X^T X and a fixed mask (True =
 pruned), each row's kept weights w_K minimize the row's calibration output error
@@ -9,26 +9,50 @@ whose solution is  w_K = (H_KK)^-1 (H w0)_K : one (k x k) system per row, k = th
 SparseGPT's column-by-column OBS updates (:mod:`.obs_solver`) solve the same problem only
 approximately: once a column is passed its kept weights are frozen, so they never compensate for
 weights pruned to their right (the price SparseGPT pays for sharing one H^-1 between rows with
-different masks). The exact solve therefore never has a larger calibration error for the same mask
-(up to rounding; tested), at a cost of O(rows * k^3) instead of O(cols^3 + rows * cols^2): about
-two minutes over all of SmolLM2's linears at 2:4 on two CPU cores, and for a 7B model a job for a GPU.
+different masks). The exact solution therefore never has a larger calibration error for the same
+mask (up to rounding; tested).
+
+Two ways to reach it (``method``):
+
+* ``"cg"`` (the default): preconditioned conjugate gradients on every row at once, started from
+  SparseGPT's OBS solution for the mask and preconditioned with (H^-1)_KK, the kept block of the
+  inverse that SparseGPT already factors. Every step is two dense (rows x cols) @ (cols x cols)
+  products with the masked iterate, so the rows' different kept sets cost nothing extra, and the
+  damped objective falls at every step (CG minimizes the error in the system's own norm), so the
+  result is never worse than SparseGPT's even if stopped early. It stops once a step lowers the
+  objective by less than ``tol`` of its value on two steps running; on SmolLM2's Hessians at 2:4
+  (C4, 8 x 2048 tokens) that takes 14-32 steps and leaves ~1e-7 of the OBS-to-exact gap, where the
+  float32 Cholesky solve leaves ~1e-9. About 3-4x faster than the direct solve on SmolLM2's linears
+  on two CPU cores, and its memory is a few copies of the weight instead of k x k systems.
+* ``"cholesky"``: the systems gathered and solved by batched Cholesky, rows grouped by kept count and
+  chunked; O(rows * k^3). Also the fallback of ``"cg"`` when the damped H itself is not positive
+  definite in float32 or the iteration has not converged after ``max_iter`` steps.
 
 Dampening follows SparseGPT's reference (``damp`` times the mean of H's diagonal on every
 diagonal entry; an input that is always zero gets diagonal 1 first), so with the same ``damp``
-both solvers minimize the same damped objective; a row whose system is still not positive
-definite in float32 is retried with 10x more dampening, as :func:`.obs_solver.inverse_hessian_factor`
-does for the whole matrix.
+both solvers minimize the same damped objective; in the direct solve, a row whose system is still
+not positive definite in float32 is retried with 10x more dampening, as
+:func:`.obs_solver.inverse_hessian_factor` does for the whole matrix.
 """
 
 from __future__ import annotations
 
+import logging
+from typing import Literal
+
 import torch
 from torch import Tensor
 
-from .obs_solver import dampening
+from .obs_solver import dampening, sparsegpt_prune
+from .patterns import Pattern
 
-# Bytes of gathered (k x k) systems solved at once: bounds the solver's extra memory.
+log = logging.getLogger(__name__)
+
+# Bytes of gathered (k x k) systems solved at once by the direct solve: bounds its extra memory.
 CHUNK_BYTES = 16 * 2**20
+# Bytes of one (rows x cols) float32 iterate of the conjugate gradients: rows beyond it are solved
+# in further chunks (rows are independent), so a 7B model's largest linear needs a few such copies.
+CG_CHUNK_BYTES = 64 * 2**20
 
 
 def damped_hessian(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
@@ -39,26 +63,92 @@ def damped_hessian(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
 
 
 def masked_least_squares(weight: Tensor, hessian: Tensor, mask: Tensor, *, damp: float = 0.01,
+                         method: Literal["cg", "cholesky"] = "cg", tol: float = 1e-6, max_iter: int = 200,
                          chunk_bytes: int = CHUNK_BYTES) -> Tensor:
     """Kept weights of ``weight`` (rows, cols) re-solved exactly for ``mask`` (bool, True = pruned).
 
     ``hessian``: the (cols, cols) input Hessian. Returns a float32 tensor of the weight's shape, zero
-    exactly where the mask is True. Rows are grouped by their kept count and solved in chunks of
-    at most ``chunk_bytes`` of gathered systems."""
+    exactly where the mask is True. ``method``, ``tol``, ``max_iter``: see the module docstring;
+    ``chunk_bytes``: the direct solve's chunk of gathered systems."""
     rows, cols = weight.shape
     if mask.shape != weight.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool of the weight's shape {tuple(weight.shape)}, "
                          f"got {mask.dtype} {tuple(mask.shape)}")
     if hessian.shape != (cols, cols):
         raise ValueError(f"the Hessian must be ({cols}, {cols}), got {tuple(hessian.shape)}")
+    if method not in ("cg", "cholesky"):
+        raise ValueError(f"method must be 'cg' or 'cholesky', got {method!r}")
     device = weight.device
     h, lam = damped_hessian(hessian.to(device), damp)
+    w0 = weight.detach().float()
+    keep = ~mask.to(device)
+    if method == "cg":
+        chol, info = torch.linalg.cholesky_ex(h)
+        if int(info) == 0:
+            h_inv = torch.cholesky_inverse(chol)
+            factor, info = torch.linalg.cholesky_ex(h_inv, upper=True)
+            if int(info) == 0:
+                out = torch.empty(rows, cols, dtype=torch.float32, device=device)
+                step = max(1, CG_CHUNK_BYTES // (4 * cols))
+                for start in range(0, rows, step):
+                    part = slice(start, start + step)
+                    x0, _ = sparsegpt_prune(w0[part], hessian, Pattern(0.0), damp=damp, mask=mask[part].to(device),
+                                            factor=factor)
+                    solved = _conjugate_gradients(x0, w0[part], h, h_inv, keep[part], tol, max_iter)
+                    if solved is None:
+                        log.info("conjugate gradients did not converge in %d steps; solving %d rows directly",
+                                 max_iter, x0.shape[0])
+                        solved = _direct(w0[part], h, keep[part], lam, chunk_bytes)
+                    out[part] = solved
+                return out
+        log.info("the damped Hessian is not positive definite in float32; solving row by row directly")
+    return _direct(w0, h, keep, lam, chunk_bytes)
+
+
+def _conjugate_gradients(x: Tensor, w0: Tensor, h: Tensor, h_inv: Tensor, keep: Tensor, tol: float,
+                         max_iter: int) -> Tensor | None:
+    """Every row's H_KK x_K = (H w0)_K by CG from ``x`` (zero where pruned), preconditioned by
+    (H^-1)_KK; None when a step still lowered the objective by ``tol`` of it after ``max_iter`` steps.
+
+    With e = x - w0 the objective is sum over rows of e H e^T, and a step of length alpha along p
+    lowers it by exactly alpha * (r . z) (r = the residual, z = the preconditioned residual), so the
+    stopping test needs no extra product."""
+    kf = keep.to(x.dtype)
+    residual = (w0 - x) @ h * kf  # (H w0 - H x)_K; zero where pruned
+    z = residual @ h_inv * kf
+    p = z.clone()
+    rz = (residual * z).sum(dim=1, keepdim=True)
+    err = x - w0
+    objective = float(((err @ h) * err).sum())
+    small = 0
+    for _ in range(max_iter):
+        if objective <= 0:
+            return x
+        hp = p @ h * kf
+        php = (p * hp).sum(dim=1, keepdim=True)
+        alpha = torch.where(php > 0, rz / php.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(php))
+        lowered = float((alpha * rz).sum())
+        x.add_(alpha * p)
+        residual.sub_(alpha * hp)
+        objective -= lowered
+        small = small + 1 if lowered <= tol * objective else 0
+        if small == 2:
+            return x
+        z = residual @ h_inv * kf
+        rz_next = (residual * z).sum(dim=1, keepdim=True)
+        beta = torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(rz))
+        p = z + beta * p
+        rz = rz_next
+    return None
+
+
+def _direct(w0: Tensor, h: Tensor, keep: Tensor, lam: float, chunk_bytes: int) -> Tensor:
+    """The direct solve: rows grouped by kept count, gathered systems in chunks of ``chunk_bytes``."""
+    rows, cols = w0.shape
     if lam == 0:  # retries add 10x more each time: start from 1e-6 of the mean diagonal without dampening
         lam = 1e-6 * float(torch.mean(torch.diagonal(h)))
-    w0 = weight.detach().float()
     rhs = w0 @ h  # (rows, cols): row i is (H w0_i)^T, H symmetric
-    keep = ~mask.to(device)
-    out = torch.zeros(rows, cols, dtype=torch.float32, device=device)
+    out = torch.zeros(rows, cols, dtype=torch.float32, device=w0.device)
     counts = keep.sum(dim=1)
     for k in torch.unique(counts).tolist():
         if k == 0:
