@@ -86,6 +86,7 @@ def masked_least_squares(weight: Tensor, hessian: Tensor, mask: Tensor, *, damp:
         chol, info = torch.linalg.cholesky_ex(h)
         if int(info) == 0:
             h_inv = torch.cholesky_inverse(chol)
+            del chol  # (cols x cols) each: H, H^-1 and the factor of H^-1 are what the solve keeps
             factor, info = torch.linalg.cholesky_ex(h_inv, upper=True)
             if int(info) == 0:
                 out = torch.empty(rows, cols, dtype=torch.float32, device=device)
