@@ -56,19 +56,28 @@ def dampening(hessian: Tensor, damp: float) -> tuple[Tensor, Tensor]:
     return h, damp * torch.mean(diag)
 
 
+def inverse_and_factor(damped: Tensor) -> tuple[Tensor, Tensor] | None:
+    """(H^-1, the upper Cholesky factor of H^-1) of an already damped float32 H, or None where either
+    factorization finds it not positive definite. Shared with :mod:`.exact_solver`."""
+    chol, info = torch.linalg.cholesky_ex(damped)
+    if int(info) != 0:
+        return None
+    h_inv = torch.cholesky_inverse(chol)
+    del chol
+    factor, info = torch.linalg.cholesky_ex(h_inv, upper=True)
+    return (h_inv, factor) if int(info) == 0 else None
+
+
 def inverse_hessian_factor(hessian: Tensor, damp: float) -> Tensor:
     """Upper Cholesky factor U of (H + damp * mean(diag H) * I)^-1, float32. hessian: (cols, cols)."""
     h, lam = dampening(hessian, damp)
     idx = torch.arange(h.shape[0], device=h.device)
     for attempt in range(6):
-        try:
-            damped = h.clone()
-            damped[idx, idx] += lam * (10**attempt)
-            chol = torch.linalg.cholesky(damped)
-            h_inv = torch.cholesky_inverse(chol)
-            return torch.linalg.cholesky(h_inv, upper=True)
-        except torch.linalg.LinAlgError:
-            continue
+        damped = h.clone()
+        damped[idx, idx] += lam * (10**attempt)
+        found = inverse_and_factor(damped)
+        if found is not None:
+            return found[1]
     raise torch.linalg.LinAlgError("Hessian is not positive definite even after 10^5x dampening")
 
 
