@@ -12,7 +12,8 @@ dense model, the pruned model (``eval_before``) and each recovered model. ``reco
 (pruned - recovered) / (pruned - dense).
 
 Variants: ``uniform`` (rank R on every block), ``importance`` (IG-LoRA, ranks proportional to CFSP's
-saved block importance, ``power`` 1), ``importance-sqrt`` (power 0.5: a softer allocation).
+saved block importance, ``power`` 1), ``importance-sqrt`` (power 0.5: a softer allocation), ``removed``
+(``--capacity removed``: ranks proportional to importance x the share of the block pruning removed).
 Results go to JSON after every row; ``--resume`` skips measured rows.
 
     .venv/bin/python benchmarks/recovery.py --data-dir ../shared/data
@@ -43,6 +44,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "uniform": {"capacity": "uniform"},
     "importance": {"capacity": "importance", "power": 1.0},
     "importance-sqrt": {"capacity": "importance", "power": 0.5},
+    "removed": {"capacity": "removed", "power": 1.0},
 }
 
 
@@ -138,6 +140,7 @@ def main() -> None:
                 "recovered_share": (before - after) / (before - dense_ppl),
                 "trainable_params": r["trainable_params"], "uniform_budget": r["uniform_budget"],
                 "ranks": r["ranks"], "block_importance": (r["importance"] or {}).get("values"),
+                "removed_share": (r["importance"] or {}).get("removed_share"),
                 "mlp_widths": structure["mlp_channels"]["widths"],
                 "params_pruned": structure["params"]["pruned"],
                 "loss": {k: v for k, v in r["loss"].items() if k != "curve"}, "loss_curve": r["loss"]["curve"],

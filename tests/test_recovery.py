@@ -20,6 +20,8 @@ from llmprune.errors import LLMPruneError
 from llmprune.models.surgery import mlp_group
 from llmprune.models.view import model_view
 from llmprune.recovery.capacity import importance_ranks, trainable_params, uniform_ranks
+from llmprune.recovery.targets import removed_shares
+from llmprune.report import sparsity_report
 
 from .conftest import save_tiny
 
@@ -212,6 +214,43 @@ def test_resume_after_interruption_gives_the_same_adapter(runs: dict[str, Path],
     assert not (tmp_path / "resumed.partial").exists()
 
 
+def _block_sizes(model: torch.nn.Module) -> list[int]:
+    return [sum(lin.weight.numel() for lin in layer.linears.values()) for layer in model_view(model).layers]
+
+
+def test_removed_shares(runs: dict[str, Path], tmp_path: Path) -> None:
+    dense_sizes = _block_sizes(llmprune.load(runs["dense"])[0])
+    # structured: removed MLP channels (and KV groups) against the dense model's own block sizes
+    llmprune.prune(str(runs["dense"]), method="cfsp", sparsity=0.3, output=str(tmp_path / "attn"),
+                   method_options={"attention": 0.5}, calib_dataset=str(runs["text"]), nsamples=4, seqlen=32, eval=[])
+    for run in (runs["cfsp"], tmp_path / "attn"):
+        model = llmprune.load(run)[0]
+        structure = json.loads((run / "llmprune.json").read_text())["structure"]
+        shares = removed_shares(model_view(model), structure)
+        expected = [1 - p / d for p, d in zip(_block_sizes(model), dense_sizes, strict=True)]
+        assert shares == pytest.approx(expected, abs=1e-9)
+        assert min(shares) > 0
+    assert "attention" in structure and max(shares) > 0.3  # KV groups removed too
+    # sparse: the zero fraction of each block
+    model = llmprune.load(runs["wanda"])[0]
+    view = model_view(model)
+    assert removed_shares(view, None) == pytest.approx([r["sparsity"] for r in sparsity_report(view)["layers"]], abs=1e-6)
+    with pytest.raises(LLMPruneError, match="no dense MLP width"):
+        removed_shares(view, {"target": "mlp"})
+
+
+def test_recover_capacity_removed(runs: dict[str, Path], tmp_path: Path) -> None:
+    result = llmprune.recover(runs["cfsp"], output=tmp_path / "out", capacity="removed", **_fast(runs, eval=None))
+    rec = result.report["recovery"]
+    imp = rec["importance"]
+    assert imp["source"] == "saved" and len(imp["removed_share"]) == 3
+    assert imp["weights"] == pytest.approx([v * s for v, s in zip(imp["values"], imp["removed_share"], strict=True)], rel=1e-5)
+    assert "importance_l x removed_share_l" in rec["rule"] and rec["capacity"] == "removed"
+    order = sorted(range(3), key=lambda i: imp["weights"][i])
+    assert [rec["ranks"][i] for i in order] == sorted(rec["ranks"])
+    assert 0 <= rec["budget_gap"] < max(rec["per_rank_costs"])
+
+
 # ------------------------------------------------------------------ bad input (before any work)
 
 
@@ -228,6 +267,8 @@ def test_bad_input(runs: dict[str, Path], tmp_path: Path) -> None:
             llmprune.recover(runs["cfsp"], output=out, **_fast(runs, **kw))
     with pytest.raises(LLMPruneError, match="not a pruned llmprune checkpoint.*--importance computed"):
         llmprune.recover(runs["dense"], output=out, **_fast(runs))
+    with pytest.raises(LLMPruneError, match="--capacity removed needs a pruned model"):
+        llmprune.recover(runs["dense"], output=out, capacity="removed", importance="computed", **_fast(runs))
     with pytest.raises(LLMPruneError, match="no saved block importance"):
         llmprune.recover(runs["wanda"], output=out, importance="saved", **_fast(runs))
     assert not out.exists() and not (tmp_path / "out.partial").exists()  # nothing was started

@@ -384,7 +384,7 @@ def recover(
     batch_size: int = typer.Option(4, "--batch-size", help="training windows per step (per process)"),
     lr: float = typer.Option(2e-4, "--lr", help="peak learning rate (warm-up, then cosine decay to 10%)"),
     rank: int = typer.Option(8, "--rank", help="LoRA rank R; importance capacity trains as many parameters as R everywhere"),
-    capacity: str = typer.Option("importance", "--capacity", help="importance (IG-LoRA) or uniform"),
+    capacity: str = typer.Option("importance", "--capacity", help="importance (IG-LoRA: ranks follow block importance), removed (importance x the share pruning removed from the block), or uniform"),
     importance: str = typer.Option("auto", "--importance", help="auto (saved by CFSP, else measured), saved, computed"),
     power: float = typer.Option(1.0, "--power", help="ranks follow importance ** power (0: uniform)"),
     max_rank: int | None = typer.Option(None, "--max-rank", help="largest rank of a block (default 2 x --rank)"),

@@ -12,6 +12,8 @@ SparseGPT, other structured methods) it measures CFSP's angular importance on th
 on the first ``importance_windows`` training windows. A folder without ``llmprune.json`` is not a
 pruned llmprune checkpoint: importance capacity then fails unless the user asks for the
 measurement explicitly (``importance="computed"``) or chooses ``capacity="uniform"``.
+``capacity="removed"`` multiplies each block's importance by the share of its dense weights that
+pruning removed (from the report's structure record and the zero weights), so it needs a pruned model.
 
 Resuming: the run works in ``DIR.partial/`` beside the output ``DIR``; it holds ``settings.json``
 (everything that determines the trained weights), the evaluation before training and the latest
@@ -44,15 +46,16 @@ from ..recipe import comma_list
 from ..report import param_count, peak_rss_mb, sparsity_report, versions
 from .capacity import importance_ranks, trainable_params, uniform_ranks
 from .merge import ADAPTER_DIR, MERGE_MODES, merge_adapter, weight_masks
-from .targets import block_costs, measure_importance, rank_patterns, target_names
+from .targets import block_costs, measure_importance, rank_patterns, removed_shares, target_names
 from .train import TrainConfig, read_checkpoint, train
 
 log = logging.getLogger(__name__)
 
-CAPACITIES = ("importance", "uniform")
+CAPACITIES = ("importance", "removed", "uniform")
 IMPORTANCE_SOURCES = ("auto", "saved", "computed")
-RULE = ("rank_l proportional to importance_l ** power, per-block per-rank costs, budget = uniform rank R on every "
+RULE = ("rank_l proportional to {weight} ** power, per-block per-rank costs, budget = uniform rank R on every "
         "block, clipped to [min_rank, max_rank] by water-filling, largest-remainder rounding never above the budget")
+WEIGHTS = {"importance": "importance_l", "removed": "importance_l x removed_share_l"}
 
 
 @dataclass
@@ -114,7 +117,8 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
     ``model``: a folder written by ``llmprune prune`` (or any model name ``llmprune.load`` takes,
     with ``capacity="uniform"`` or ``importance="computed"``). ``capacity="importance"`` gives each
     decoder block a LoRA rank following its block importance at the trainable-parameter count of
-    ``rank`` on every block (``capacity="uniform"``); ``merge`` is ``merge`` (default for structured
+    ``rank`` on every block (``capacity="uniform"``), ``capacity="removed"`` one following its
+    importance times the share of the block that pruning removed; ``merge`` is ``merge`` (default for structured
     and dense models), ``mask`` (default for sparse ones: merge and re-apply the zeros) or
     ``adapter`` (keep the adapter in ``output/adapter``). Training windows come from
     ``train_dataset`` (c4, wikitext2[:split] or a file; never the evaluated split). ``on_step(step)``
@@ -149,7 +153,7 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
     kind = _model_kind(pruned_report)
     saved = _saved_importance(pruned_report)
     importance_from = None
-    if capacity == "importance":
+    if capacity != "uniform":
         if importance == "saved" and saved is None:
             raise LLMPruneError(f"{model} has no saved block importance (only CFSP runs record it in llmprune.json); "
                                 f"use --importance computed to measure it, or --capacity uniform")
@@ -159,6 +163,9 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
                 f"prune it with `llmprune prune` first, pass --importance computed to measure the importance on "
                 f"the training data, or use --capacity uniform")
         importance_from = "saved" if importance != "computed" and saved is not None else "computed"
+    if capacity == "removed" and kind == "dense":
+        raise LLMPruneError(f"--capacity removed gives each block capacity for what pruning removed from it, but "
+                            f"{model} is not pruned; use --capacity importance or uniform")
     if merge == "mask" and kind in ("structured", "dense"):
         raise LLMPruneError(f"--merge mask re-applies the zeros of a sparse model, but {model} is {kind}; "
                             f"use --merge merge (structured and dense models keep their shape when merged)")
@@ -203,6 +210,9 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
     names = target_names(view)
     if kind == "unknown":
         kind = "sparse" if sparsity_report(view)["overall"] > 0.01 else "dense"
+        if capacity == "removed" and kind == "dense":
+            raise LLMPruneError(f"--capacity removed needs a pruned model, but {model} has (almost) no zero weights "
+                                f"and no structure record; use --capacity importance or uniform")
         if merge == "mask" and kind == "dense":
             raise LLMPruneError(f"--merge mask re-applies the zeros of a sparse model, but {model} has (almost) no "
                                 f"zero weights; use --merge merge")
@@ -231,6 +241,11 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
                 values = measure_importance(view, windows[:importance_windows], device_)
             imp_record = {"source": "computed", "metric": "angular", "per": "token",
                           "windows": min(importance_windows, windows.shape[0]), "values": values}
+        if capacity == "removed":
+            shares = removed_shares(view, (pruned_report or {}).get("structure"))
+            imp_record["removed_share"] = shares
+            values = [v * s for v, s in zip(values, shares, strict=True)]
+            imp_record["weights"] = values
         ranks = importance_ranks(values, costs, rank, power=power, max_rank=max_rank)
 
     if not work.exists():  # everything is checked: from here on, an interrupted run can be resumed
@@ -301,9 +316,10 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
             bool((base.get_submodule(n).weight[~m] == 0).all()) for n, m in masks.items())
     timings["total_s"] = time.perf_counter() - t_start
     recovery = {
-        "capacity": capacity, "rule": RULE if capacity == "importance" else "the same rank on every block",
-        "importance": imp_record, "power": power if capacity == "importance" else None,
-        "rank": rank, "max_rank": (max_rank or 2 * rank) if capacity == "importance" else rank, "min_rank": 1,
+        "capacity": capacity,
+        "rule": RULE.format(weight=WEIGHTS[capacity]) if capacity != "uniform" else "the same rank on every block",
+        "importance": imp_record, "power": power if capacity != "uniform" else None,
+        "rank": rank, "max_rank": (max_rank or 2 * rank) if capacity != "uniform" else rank, "min_rank": 1,
         "ranks": ranks, "alpha_per_rank": alpha_per_rank, "alphas": [alpha_per_rank * r for r in ranks],
         "target_modules": list(view.layers[0].linears), "target_count": len(flat),
         "per_rank_costs": costs, "trainable_params": trainable,

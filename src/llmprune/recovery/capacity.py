@@ -27,6 +27,15 @@ exactly the uniform ranks. ``power`` < 1 softens the allocation (``power=0`` is 
 bounds keep every block trainable (``min_rank >= 1``) and stop one outlier block (SmolLM2's first
 block has several times the mean importance) from taking most of the budget (``max_rank``,
 default ``2 R``).
+
+What is proportioned (chosen in :mod:`.api`): ``capacity="importance"`` uses the importance I_l
+itself, the paper's literal rule. ``capacity="removed"`` uses ``I_l x s_l``, where s_l is the share
+of block l's dense weights that pruning removed (:func:`.targets.removed_shares`): the importance
+that pruning took away, which is what recovery has to put back. Why the second exists: CFSP already
+spends its budget by importance, removing least from the most important blocks (SmolLM2's first
+block keeps 99% of its channels at 20%), so the literal rule gives the most capacity to the blocks
+pruning touched least. Which of the two recovers more is measured, not assumed
+(``benchmarks/recovery.py``; the README gives the figures).
 """
 
 from __future__ import annotations

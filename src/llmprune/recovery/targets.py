@@ -13,8 +13,11 @@ import torch
 from torch import Tensor
 
 from ..engine.context import calibration_mode
+from ..errors import LLMPruneError
+from ..models.surgery import attn_group, mlp_group
 from ..models.view import ModelView
 from ..sparsity.allocation import block_importance
+from ..sparsity.bits import count_zeros
 
 
 def target_names(view: ModelView) -> list[list[str]]:
@@ -25,6 +28,37 @@ def target_names(view: ModelView) -> list[list[str]]:
 def block_costs(view: ModelView) -> list[int]:
     """Per block, the LoRA parameters one unit of rank costs: sum over its linears of in + out."""
     return [sum(lin.in_features + lin.out_features for lin in layer.linears.values()) for layer in view.layers]
+
+
+def removed_shares(view: ModelView, structure: dict[str, Any] | None) -> list[float]:
+    """Per block, the share of its dense decoder-linear weights that pruning removed: zero weights
+    (unstructured and N:M pruning) plus, after structured pruning (``structure`` is the report's
+    ``structure`` record), the weights of the removed MLP channels and KV groups. The dense size of a
+    shrunk block follows from its present size, since every MLP weight scales with the channel count
+    and every attention weight with the KV-group count."""
+    mlp_dense = attention = None
+    if structure is not None:
+        mlp_dense = int((structure.get("mlp_channels") or {}).get("dense_width") or 0)
+        attention = structure.get("attention")
+        if mlp_dense < 1:
+            raise LLMPruneError("the pruning report's structure record has no dense MLP width; it is not from "
+                                "llmprune's structured pruning, so the removed share of each block is unknown")
+    shares = []
+    for i, layer in enumerate(view.layers):
+        weights = [lin.weight for lin in layer.linears.values()]
+        present = sum(w.numel() for w in weights)
+        dense = float(present)
+        if mlp_dense is not None:
+            group = mlp_group(layer)
+            dense += sum(lin.weight.numel() for lin in (*group.inputs.values(), group.output)) * (
+                mlp_dense / group.width - 1)
+        if attention is not None:
+            att = attn_group(layer)
+            dense += sum(att.linear(k).weight.numel() for k in "qkvo") * (
+                attention["kv_heads_dense"][i] / att.kv_heads - 1)
+        kept = present - sum(count_zeros(w) for w in weights)
+        shares.append(max(0.0, 1.0 - kept / dense))
+    return shares
 
 
 def rank_patterns(names: list[list[str]], ranks: list[int], alpha_per_rank: float) -> tuple[dict[str, int], dict[str, float]]:
