@@ -5,6 +5,7 @@ after an interruption, bad input, and (slow) a real recovery of SmolLM2 after CF
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -267,8 +268,15 @@ def test_bad_input(runs: dict[str, Path], tmp_path: Path) -> None:
             llmprune.recover(runs["cfsp"], output=out, **_fast(runs, **kw))
     with pytest.raises(LLMPruneError, match="not a pruned llmprune checkpoint.*--importance computed"):
         llmprune.recover(runs["dense"], output=out, **_fast(runs))
-    with pytest.raises(LLMPruneError, match="--capacity removed needs a pruned model"):
+    with pytest.raises(LLMPruneError, match="--capacity removed needs a pruned model, but .* has .*no zero weights"):
         llmprune.recover(runs["dense"], output=out, capacity="removed", importance="computed", **_fast(runs))
+    with pytest.raises(LLMPruneError, match="--merge mask re-applies the zeros of a sparse model, but .* has .*no zero"):
+        llmprune.recover(runs["dense"], output=out, merge="mask", capacity="uniform", **_fast(runs))
+    reported_dense = tmp_path / "reported-dense"  # a run folder whose report records no pruning
+    shutil.copytree(runs["dense"], reported_dense)
+    (reported_dense / "llmprune.json").write_text(json.dumps({"method": "magnitude", "sparsity": {"overall": 0.0}}))
+    with pytest.raises(LLMPruneError, match="--capacity removed needs a pruned model, but .* is dense"):
+        llmprune.recover(reported_dense, output=out, capacity="removed", **_fast(runs))
     with pytest.raises(LLMPruneError, match="no saved block importance"):
         llmprune.recover(runs["wanda"], output=out, importance="saved", **_fast(runs))
     assert not out.exists() and not (tmp_path / "out.partial").exists()  # nothing was started

@@ -86,6 +86,17 @@ def _model_kind(report: dict[str, Any] | None) -> str:
     return "sparse" if overall > 0 else "dense"
 
 
+def _refuse_for_kind(model: str | Path, kind: str, detail: str, capacity: str, merge: str | None) -> None:
+    """The options that need a pruned (``--capacity removed``) or sparse (``--merge mask``) model, checked
+    once the model's kind is known: from its report before loading, else from its weights after."""
+    if capacity == "removed" and kind == "dense":
+        raise LLMPruneError(f"--capacity removed needs a pruned model, but {model} {detail}; "
+                            f"use --capacity importance or uniform")
+    if merge == "mask" and kind in ("structured", "dense"):
+        raise LLMPruneError(f"--merge mask re-applies the zeros of a sparse model, but {model} {detail}; "
+                            f"use --merge merge (structured and dense models keep their shape when merged)")
+
+
 def _fingerprint(folder: Path) -> str:
     """Identity of a model folder (its config, report and weight file sizes), not of its path."""
     digest = hashlib.sha256()
@@ -163,12 +174,7 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
                 f"prune it with `llmprune prune` first, pass --importance computed to measure the importance on "
                 f"the training data, or use --capacity uniform")
         importance_from = "saved" if importance != "computed" and saved is not None else "computed"
-    if capacity == "removed" and kind == "dense":
-        raise LLMPruneError(f"--capacity removed gives each block capacity for what pruning removed from it, but "
-                            f"{model} is not pruned; use --capacity importance or uniform")
-    if merge == "mask" and kind in ("structured", "dense"):
-        raise LLMPruneError(f"--merge mask re-applies the zeros of a sparse model, but {model} is {kind}; "
-                            f"use --merge merge (structured and dense models keep their shape when merged)")
+    _refuse_for_kind(model, kind, f"is {kind}", capacity, merge)
     dest = check_output_dir(output, overwrite)
     resolve_data_dir(data_dir)
     train_source = resolve(train_dataset, "calibration", data_dir)
@@ -210,12 +216,7 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
     names = target_names(view)
     if kind == "unknown":
         kind = "sparse" if sparsity_report(view)["overall"] > 0.01 else "dense"
-        if capacity == "removed" and kind == "dense":
-            raise LLMPruneError(f"--capacity removed needs a pruned model, but {model} has (almost) no zero weights "
-                                f"and no structure record; use --capacity importance or uniform")
-        if merge == "mask" and kind == "dense":
-            raise LLMPruneError(f"--merge mask re-applies the zeros of a sparse model, but {model} has (almost) no "
-                                f"zero weights; use --merge merge")
+        _refuse_for_kind(model, kind, "has (almost) no zero weights and no llmprune report", capacity, merge)
     merge_mode = merge or ("mask" if kind == "sparse" else "merge")
 
     t0 = time.perf_counter()
