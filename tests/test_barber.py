@@ -69,14 +69,14 @@ def test_gradient_matches_finite_differences(family: str, kind: str) -> None:
     with torch.no_grad():  # the "initializer": prune the live weights at random
         for lin in block.linears.values():
             lin.weight.masked_fill_(torch.rand(lin.weight.shape, generator=gen) < 0.5, 0.0)
-        records = _Records(ctx, block)
+        records = _Records(ctx, block, keep=True)
+        targets = list(records.targets())
         weights = {name: dense[f"{block.rel[name]}.weight"] for name in block.linears}
-        grad_sq, _, mse = dense_grad_sq(lambda b: records.run(b, dense, torch.float64), records.pruned_out,
-                                        weights, [1, 1])
+        grad_sq, _, mse = dense_grad_sq(lambda b: records.run(b, dense, torch.float64), targets, weights, [1, 1])
         assert mse > 0
 
         def loss(b: int) -> float:
-            return float(F.mse_loss(records.run(b, dense, torch.float64), records.pruned_out[b].double()))
+            return float(F.mse_loss(records.run(b, dense, torch.float64), targets[b].double()))
 
         eps = 1e-6
         for name, w in weights.items():
@@ -173,37 +173,48 @@ def test_final_forward_replays_the_rebuilt_attention_bit_for_bit(family: str, mo
         assert torch.equal(replayed(ids).logits, recomputed(ids).logits)
 
 
-def test_spent_activations_are_released_before_the_next_pass(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Barber holds the recorded activations of one sub-block at a time (at 32 x 2048 calibration
-    tokens each copy is as large as SmolLM2's weights): a pass's records are freed before the next
-    pass records its own, and the dense outputs as soon as the error they serve is measured."""
+@pytest.mark.parametrize("guard", [False, True], ids=["default", "guard"])
+def test_spent_activations_are_released(monkeypatch: pytest.MonkeyPatch, guard: bool) -> None:
+    """Barber holds the recorded activations of one calibration batch at a time (at 32 x 2048
+    calibration tokens each copy for all of them is as large as SmolLM2's weights): on the default
+    path each batch's record is dropped once its gradient is taken; where the records must be kept
+    (``guard`` re-runs the rebuilt sub-block on them) a pass's records are freed before the next
+    pass records its own. The dense outputs go as soon as the error they serve is measured."""
     import weakref
 
     from llmprune.methods import barber
 
     made: list[weakref.ref[Any]] = []
-    live_at_capture: list[int] = []
+    live: list[int] = []  # at each batch: populated records over every _Records still alive
     released: list[bool] = []
-    real_init, real_mse = barber._Records.__init__, barber._ErrorAfter.mse
+    made_out: list[list[weakref.ref[torch.Tensor]]] = []
+    real_targets, real_init, real_mse = barber._Records.targets, barber._ErrorAfter.__init__, barber._ErrorAfter.mse
 
-    def init(self: Any, ctx: Any, block: Any) -> None:
-        live_at_capture.append(sum(ref() is not None for ref in made))
-        real_init(self, ctx, block)
+    def targets(self: Any) -> Any:
         made.append(weakref.ref(self))
+        for y in real_targets(self):
+            live.append(sum(y is not None for ref in made if ref() is not None for y in ref().pruned_out))
+            yield y
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        real_init(self, *args, **kwargs)
+        made_out.append([weakref.ref(t) for t in self.dense_out])
 
     def mse(self: Any) -> float:
-        targets = [weakref.ref(t) for t in self.dense_out]
         value = real_mse(self)
-        released.append(all(ref() is None for ref in targets))
+        released.append(all(ref() is None for ref in made_out.pop(0)))
         return value
 
-    monkeypatch.setattr(barber._Records, "__init__", init)
+    monkeypatch.setattr(barber._Records, "targets", targets)
+    monkeypatch.setattr(barber._ErrorAfter, "__init__", init)
     monkeypatch.setattr(barber._ErrorAfter, "mse", mse)
     model = tiny_model("llama")
-    prune(model, Barber(UNSTRUCTURED, BarberOptions(ratio=0.2)), calib())
+    ids = calib(n=4)
+    prune(model, Barber(UNSTRUCTURED, BarberOptions(ratio=0.2, guard=guard)), ids)
     blocks = 2 * len(model_view(model).layers)
-    assert live_at_capture == [0] * blocks
-    assert released == [True] * blocks
+    per_pass = [1] * len(ids) if not guard else list(range(1, len(ids) + 1))
+    assert live == per_pass * blocks
+    assert released == ([] if guard else [True] * blocks)
 
 
 def test_ratio_zero_is_the_initializer_alone() -> None:

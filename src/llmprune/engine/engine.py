@@ -138,33 +138,34 @@ class LayerContext:
                 f"the model overflows in this dtype (try --set model.dtype=float32)"
             )
 
-    def capture_io(self, module: nn.Module) -> list[tuple[tuple[Any, ...], dict[str, Any], Any]]:
-        """Run every batch through the layer; record ``module``'s (args, kwargs, output) per batch.
+    def capture_io(self, module: nn.Module) -> Iterator[tuple[tuple[Any, ...], dict[str, Any], Any]]:
+        """Run the batches through the layer one at a time; yield ``module``'s (args, kwargs, output).
 
-        Used by methods that work on sub-blocks (attention, MLP) of the layer. Records live on
-        ``cache_device``; the hook is removed before returning. The layer forward stops once
-        ``module`` has run (nothing after it is needed), which saves e.g. the MLP when capturing
+        Used by methods that work on sub-blocks (attention, MLP) of the layer. Batch ``b + 1`` runs
+        only when the caller asks for it, so a caller that spends each record before the next holds
+        one batch's activations, not the whole calibration set's (keep them, on ``cache_device``, if
+        they are needed again). The records are on ``device``; the hook is armed only while the
+        layer runs, so the caller may run ``module`` itself between records. The layer forward stops
+        once ``module`` has run (nothing after it is needed), which saves e.g. the MLP when capturing
         the attention.
         """
-        records: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
+        slot: list[tuple[tuple[Any, ...], dict[str, Any], Any]] = []
 
         def hook(_mod: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any) -> None:
-            records.append(
-                (move_to(args, self.cache_device), move_to(kwargs, self.cache_device), move_to(output, self.cache_device))
-            )
+            slot.append((args, kwargs, output))
             raise _Captured
 
-        handle = module.register_forward_hook(hook, with_kwargs=True)
-        try:
-            for b in range(self.num_batches):
+        for b in range(self.num_batches):
+            handle = module.register_forward_hook(hook, with_kwargs=True)
+            try:
                 with suppress(_Captured):
                     self.run_batch(b)
-                if len(records) != b + 1:
-                    raise LLMPruneError(f"layer {self.layer.index}: {type(module).__name__} did not run exactly once "
-                                        f"in the layer's forward")
-        finally:
-            handle.remove()
-        return records
+            finally:
+                handle.remove()
+            if len(slot) != 1:
+                raise LLMPruneError(f"layer {self.layer.index}: {type(module).__name__} did not run exactly once "
+                                    f"in the layer's forward")
+            yield slot.pop()
 
     def observe(
         self,

@@ -23,7 +23,12 @@ Differences from the reference code (github.com/YupengSu/LLM-Barber), and why:
 * No ``copy.deepcopy`` of the model (the reference holds a dense and a sparse model): the dense
   float32 weights of the current layer are snapshotted before the initializer prunes it, and the
   dense sub-block is run with ``torch.func.functional_call`` on those weights. Peak memory is the
-  model plus one layer in float32 plus the layer's recorded activations.
+  model plus one layer in float32 plus activations: the engine's layer inputs and outputs (as for
+  every layer-wise method), one calibration batch's sub-block records at a time (the layer runs
+  batch by batch as the gradient loop asks for them, :class:`_Records`), the dense outputs of the
+  sub-block being rebuilt, and the attention's outputs until the layer's last forward replays them;
+  the last two are one copy of the hidden state for every calibration token each, released batch by
+  batch as they are spent.
 * Every keyword argument the model passes (rotary embeddings, per-layer sliding-window masks) is
   recorded and replayed; the reference passes only ``attention_mask``/``position_ids`` (4.44 era).
 * The gradient is taken with ``torch.autograd.grad`` w.r.t. the linear weights only (not biases,
@@ -72,8 +77,9 @@ orders of magnitude, so it is not offered.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext, suppress
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -243,28 +249,57 @@ def _replay_hooks(block: SubBlock, feed: Callable[[str], Tensor] | None, sink: C
 
 
 class _Records:
-    """Per calibration batch: how to run the sub-block on its recorded pruned-path input."""
+    """Per calibration batch: how to run the sub-block on its recorded pruned-path input.
 
-    def __init__(self, ctx: Any, block: SubBlock) -> None:
-        self.ctx, self.block = ctx, block
-        self.args: list[tuple[Any, ...]] = []
-        self.kwargs: list[dict[str, Any]] = []
-        self.lin_inputs: list[dict[str, Tensor]] = []
-        self.pruned_out: list[Tensor] = []  # y_s, on the cache device
+    The layer runs batch by batch as :meth:`targets` is consumed, so the gradient loop spends each
+    batch's record (the sub-block's inputs and pruned output) before the next is made. With
+    ``keep=False`` (the default path: the error after rebuilding is measured on a later pass, see
+    :class:`_ErrorAfter`) a batch's record is dropped once the loop moves on, so Barber holds one
+    batch of them instead of two copies of the hidden state for every calibration token (at 32 x
+    2048 tokens each is about 150 MB on SmolLM2, 0.5 GB in bf16 on a 7B model). ``keep=True``
+    stores them on ``cache_device`` for :meth:`run` after rebuilding (``guard``, and sub-blocks
+    replayed through the layer). ``capturing``: a context entered around each capture forward only
+    (not around the dense runs between them), e.g. the previous pass's :meth:`_ErrorAfter.watching`.
+    """
+
+    def __init__(self, ctx: Any, block: SubBlock, keep: bool = True,
+                 capturing: Callable[[], AbstractContextManager[Any]] | None = None) -> None:
+        self.ctx, self.block, self.keep = ctx, block, keep
+        self.capturing = capturing or nullcontext
+        n = ctx.num_batches
+        self.args: list[tuple[Any, ...] | None] = [None] * n
+        self.kwargs: list[dict[str, Any] | None] = [None] * n
+        self.lin_inputs: list[dict[str, Tensor] | None] = [None] * n
+        self.pruned_out: list[Tensor | None] = [None] * n  # y_s
+
+    def targets(self) -> Iterator[Tensor]:
+        """Capture batch after batch (the layer as it is now) and yield each one's pruned output y_s;
+        while batch ``b``'s is out, :meth:`run` runs on batch ``b``'s inputs."""
+        ctx, block = self.ctx, self.block
+        keep = (lambda v: move_to(v, ctx.cache_device)) if self.keep else (lambda v: v)
         if not block.replay:
-            for args, kwargs, out in ctx.capture_io(block.runner):
-                self.args.append(args)
-                self.kwargs.append(kwargs)
-                self.pruned_out.append(_output(out))
+            records = ctx.capture_io(block.runner)
+            for b in range(ctx.num_batches):
+                with self.capturing():
+                    args, kwargs, out = next(records)
+                self.args[b], self.kwargs[b], self.pruned_out[b] = keep(args), keep(kwargs), keep(_output(out))
+                yield self.pruned_out[b]
+                self._spent(b)
             return
         record: dict[str, Tensor] = {}
         sink: dict[str, Tensor] = {}
-        with _replay_hooks(block, None, lambda _n, t: sink.update(y=t.detach()), record):
-            for b in range(ctx.num_batches):
-                with suppress(_Stop):
-                    ctx.run_batch(b)
-                self.lin_inputs.append({n: t.to(ctx.cache_device) for n, t in record.items()})
-                self.pruned_out.append(sink["y"].to(ctx.cache_device))
+        for b in range(ctx.num_batches):
+            with self.capturing(), _replay_hooks(block, None, lambda _n, t: sink.update(y=t.detach()), record), \
+                    suppress(_Stop):
+                ctx.run_batch(b)
+            self.lin_inputs[b] = keep(dict(record))
+            self.pruned_out[b] = keep(sink.pop("y"))
+            yield self.pruned_out[b]
+            self._spent(b)
+
+    def _spent(self, b: int) -> None:
+        if not self.keep:
+            self.args[b] = self.kwargs[b] = self.lin_inputs[b] = self.pruned_out[b] = None
 
     def samples(self, b: int) -> int:
         return int(self.ctx.hidden[b].shape[0])
@@ -307,7 +342,8 @@ class _ErrorAfter:
     """
 
     def __init__(self, module: nn.Module, dense_out: list[Tensor], keep_on: torch.device | None = None) -> None:
-        self.module, self.dense_out = module, dense_out
+        self.module = module
+        self.dense_out: list[Tensor | None] = list(dense_out)
         self.sse, self.numel, self.calls = 0.0, 0, 0
         self.keep_on = keep_on  # also keep the module's whole outputs there (see :func:`_replayed`)
         self.outputs: list[Any] = []
@@ -316,7 +352,10 @@ class _ErrorAfter:
     def watching(self) -> Iterator[None]:
         def hook(_mod: nn.Module, _args: tuple[Any, ...], out: Any) -> None:
             y = _output(out).detach().float()
-            self.sse += float((y - self.dense_out[self.calls].to(y.device, y.dtype)).pow(2).sum())
+            target, self.dense_out[self.calls] = self.dense_out[self.calls], None  # spent: released now
+            if target is None:
+                raise RuntimeError(f"the rebuilt sub-block ran more often than the {len(self.dense_out)} batches")
+            self.sse += float((y - target.to(y.device, y.dtype)).pow(2).sum())
             self.numel += y.numel()
             self.calls += 1
             if self.keep_on is not None:
@@ -329,9 +368,11 @@ class _ErrorAfter:
             handle.remove()
 
     def mse(self) -> float:
-        """The error once every batch ran; the dense outputs it compared with are released (a copy of
-        the sub-block's output for every calibration token: at 32 x 2048 tokens as large as SmolLM2's
-        weights), so only the recorded module outputs stay for :func:`_replayed`."""
+        """The error once every batch ran. Each dense output it compared with was released as soon as
+        its batch ran (all of them are a copy of the sub-block's output for every calibration token:
+        at 32 x 2048 tokens as large as SmolLM2's weights), so while the next pass records its own the
+        two lists together stay about one copy; only the recorded module outputs stay for
+        :func:`_replayed`, which releases each as it returns it."""
         if self.calls != len(self.dense_out):
             raise RuntimeError(f"the rebuilt sub-block ran {self.calls} times for {len(self.dense_out)} batches")
         self.dense_out = []
@@ -347,16 +388,19 @@ def _replayed(module: nn.Module, outputs: list[Any], device: torch.device) -> It
     bit for bit, for about a twentieth of Barber's time on SmolLM2. The instance attribute shadows the
     class's ``forward``; one already set on the instance (accelerate's hooks) is restored afterwards.
     """
-    calls = iter(outputs)
+    queue = deque(outputs)  # each output is released once returned (``outputs`` is emptied)
+    outputs.clear()
     previous = module.__dict__.get("forward")
 
     def forward(*_args: Any, **_kwargs: Any) -> Any:
-        return move_to(next(calls), device)
+        if not queue:
+            raise RuntimeError("the layer ran more batches than the attention outputs recorded for it")
+        return move_to(queue.popleft(), device)
 
     module.forward = forward
     try:
         yield
-        if next(calls, None) is not None:
+        if queue:
             raise RuntimeError("the layer ran fewer batches than the attention outputs recorded for it")
     finally:
         if previous is not None:
@@ -367,16 +411,18 @@ def _replayed(module: nn.Module, outputs: list[Any], device: torch.device) -> It
 
 def dense_grad_sq(
     run_dense: Callable[[int], Tensor],
-    targets: list[Tensor],
+    targets: Iterable[Tensor],
     weights: dict[str, Tensor],
     samples: list[int],
     with_grad: bool = True,
+    store: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], list[Tensor], float]:
     """Running mean over batches of the squared gradient of MSE(y_s, y_d) w.r.t. ``weights``.
 
-    run_dense(b): y_d of batch ``b``, computed from the leaf tensors in ``weights``; targets[b]: y_s.
-    Each batch's g^2 is weighted by its sample count. Returns (G per weight, y_d per batch
-    detached, mean squared error over all elements).
+    run_dense(b): y_d of batch ``b``, computed from the leaf tensors in ``weights``; targets: y_s
+    per batch, in order (may be produced lazily: batch ``b``'s target is asked for just before
+    ``run_dense(b)``). Each batch's g^2 is weighted by its sample count. Returns (G per weight,
+    ``store(y_d, y_s)`` per batch (default: y_d detached), mean squared error over all elements).
     """
     grad_sq = {name: torch.zeros_like(w) for name, w in weights.items()}
     dense_out: list[Tensor] = []
@@ -395,7 +441,7 @@ def dense_grad_sq(
             seen += samples[b]
             for acc, g in zip(grad_sq.values(), grads, strict=with_grad):
                 acc.mul_((seen - samples[b]) / seen).add_(g.pow(2), alpha=samples[b] / seen)
-            dense_out.append(y_d.detach())
+            dense_out.append(store(y_d.detach(), target) if store is not None else y_d.detach())
     finally:
         for leaf in weights.values():
             leaf.requires_grad_(False)
@@ -466,16 +512,19 @@ class Barber(Method):
         pending: tuple[str, _ErrorAfter] | None = None  # a rebuilt sub-block whose error the next pass measures
         attn_after: _ErrorAfter | None = None
         for block, params in zip(blocks, dense, strict=True):
-            with pending[1].watching() if pending is not None else nullcontext():
-                records = _Records(ctx, block)  # pruned-path inputs, after everything already rebuilt
+            # With guard the error decides at once whether to keep the rebuilt weights; a sub-block
+            # that sits directly in the layer (OPT's fc1/fc2) has no module to hook: both re-run on
+            # kept records. Otherwise each batch's record is dropped once its gradient is taken.
+            defer = not self.opts.guard and not block.replay
+            # pruned-path inputs, after everything already rebuilt; the capture forwards run the
+            # previous pass's rebuilt sub-block, where its error is measured
+            records = _Records(ctx, block, keep=not defer,
+                               capturing=pending[1].watching if pending is not None else None)
+            block_swaps, reconstruction[block.kind], dense_out = self._rebuild(ctx, block, params, records, defer)
             if pending is not None:
                 reconstruction[pending[0]]["mse_after"] = pending[1].mse()
-            # With guard the error decides at once whether to keep the rebuilt weights; a sub-block
-            # that sits directly in the layer (OPT's fc1/fc2) has no module to hook: both re-run.
-            defer = not self.opts.guard and not block.replay
-            block_swaps, reconstruction[block.kind], dense_out = self._rebuild(ctx, block, params, records, defer)
-            # Its recorded inputs and pruned outputs are spent: free them before the next pass records
-            # its own (each is one activation copy of every calibration token).
+            # Kept records are spent now: free them before the next pass records its own (each is
+            # one activation copy of every calibration token).
             del records
             # The attention's outputs in the MLP's capture are kept for the final forward (_replayed).
             keep_on = ctx.cache_device if block.kind == "attn" else None
@@ -528,11 +577,10 @@ class Barber(Method):
         weights = {name: params[f"{block.rel[name]}.weight"] for name in linears}
         need_grad = opts.ratio > 0 and opts.score != "W"
         grad_sq, dense_out, mse_before = dense_grad_sq(
-            lambda b: records.run(b, params, GRAD_DTYPE), records.pruned_out,
+            lambda b: records.run(b, params, GRAD_DTYPE), records.targets(),
             {name: w for name, w in weights.items()}, [records.samples(b) for b in range(ctx.num_batches)],
-            with_grad=need_grad,
+            with_grad=need_grad, store=lambda y_d, y_s: y_d.to(ctx.cache_device, y_s.dtype),
         )
-        dense_out = [y.to(ctx.cache_device, records.pruned_out[b].dtype) for b, y in enumerate(dense_out)]
 
         old_masks = {name: lin.weight.detach() == 0 for name, lin in linears.items()}
         kept_values = {}
