@@ -62,6 +62,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--train-dataset", default="c4",
+                    help="recovery training text: c4, wikitext2:validation (in-domain for the evaluation) or a file")
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--work", default=str(REPO / "runs" / "bench-recovery"), help="scratch folder for checkpoints")
@@ -83,18 +85,25 @@ def main() -> None:
     commands = result.get("commands", [result["command"]] if "command" in result else []) + [" ".join(sys.argv)]
     known = (result.get("protocol") or {}).get("recover", {}).get("variants", {})
     result.pop("command", None)
+    previous = result.get("protocol")
     result.update({
         "benchmark": "recovery", "model": args.model, "commands": commands, "versions": versions(),
         "protocol": {
             "prune": {"method": "cfsp (defaults)", "ratios_of": "MLP channels", "calib": "c4",
                       "nsamples": args.calib_nsamples, "seqlen": args.calib_seqlen, "seed": 0},
             "recover": {"steps": args.steps, "seqlen": args.seqlen, "batch_size": args.batch_size, "lr": args.lr,
-                        "rank_budget": args.rank, "train_dataset": "c4", "seed": args.seed,
+                        "rank_budget": args.rank, "train_dataset": args.train_dataset, "seed": args.seed,
                         "targets": "every decoder linear", "alpha_per_rank": 2.0, "variants": {**known, **{v: VARIANTS[v] for v in variants}}},
             "eval": {"dataset": "wikitext2:test", "seqlen": args.eval_seqlen, "windows": args.eval_windows},
             "dtype": "float32",
         },
     })
+
+    if previous is not None:  # a resumed file's rows must share everything but the variants
+        def fixed(protocol: dict[str, Any]) -> dict[str, Any]:
+            return {**protocol, "recover": {k: v for k, v in protocol["recover"].items() if k != "variants"}}
+        if fixed(previous) != fixed(result["protocol"]):
+            ap.error(f"--resume: {out_path} was written with another protocol; use its settings or another --output")
 
     def save() -> None:
         result["memory"] = {"peak_rss_mb": round(peak_rss_mb(), 1)}
@@ -128,7 +137,7 @@ def main() -> None:
             t = time.perf_counter()
             rec = llmprune.recover(pruned_dir, output=rec_dir, overwrite=True, steps=args.steps, seqlen=args.seqlen,
                                    batch_size=args.batch_size, lr=args.lr, rank=args.rank, seed=args.seed,
-                                   train_dataset="c4", data_dir=args.data_dir, eval="wikitext2",
+                                   train_dataset=args.train_dataset, data_dir=args.data_dir, eval="wikitext2",
                                    eval_seqlen=args.eval_seqlen, eval_windows=args.eval_windows,
                                    checkpoint_every=0, **VARIANTS[variant])
             wall = time.perf_counter() - t
