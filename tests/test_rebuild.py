@@ -220,6 +220,25 @@ def test_vectorised_on_a_large_matrix() -> None:
     assert torch.equal(new.sum(1), old.sum(1))
 
 
+@pytest.mark.parametrize(("granularity", "nm"), [("output", None), ("input", None), ("output", 4)])
+def test_rows_in_blocks_give_the_same_masks(monkeypatch: pytest.MonkeyPatch, granularity: str, nm: int | None) -> None:
+    """The rule runs on blocks of rows (bounded memory on 7B-sized matrices): identical masks, with
+    ties, for block sizes that divide the rows and that do not."""
+    from llmprune.sparsity import rebuild
+
+    gen = torch.Generator().manual_seed(1)
+    s = torch.randint(0, 20, (37, 48), generator=gen).float()  # many ties
+    if nm is None:
+        old = torch.rand(37, 48, generator=gen) < 0.5
+    else:  # 2:4, the pruned two of every four chosen at random
+        old = torch.zeros(37, 12, 4, dtype=torch.bool).scatter_(
+            -1, torch.rand(37, 12, 4, generator=gen).argsort(-1)[..., :2], True).reshape(37, 48)
+    whole = rebuild_mask(old, s, 0.5, granularity, m=nm)
+    for entries in (48, 5 * 48, 7 * 48 + 3, 10**6):
+        monkeypatch.setattr(rebuild, "CHUNK_ENTRIES", entries)
+        assert torch.equal(rebuild_mask(old, s, 0.5, granularity, m=nm), whole), entries
+
+
 def test_paired_rule_by_hand() -> None:
     # row 0, groups [0:4] and [4:8], 2:4. Group 0: best pruned 5 vs worst kept 1 -> gain 4.
     # Group 1: best pruned 2 vs worst kept 3 -> gain -1 (no swap). r = 1 -> ratio 1 swaps group 0 only.

@@ -424,7 +424,7 @@ def dense_grad_sq(
     ``run_dense(b)``). Each batch's g^2 is weighted by its sample count. Returns (G per weight,
     ``store(y_d, y_s)`` per batch (default: y_d detached), mean squared error over all elements).
     """
-    grad_sq = {name: torch.zeros_like(w) for name, w in weights.items()}
+    grad_sq = {name: torch.zeros_like(w) for name, w in weights.items()} if with_grad else {}
     dense_out: list[Tensor] = []
     sse, numel, seen = 0.0, 0, 0
     for leaf in weights.values():
@@ -511,7 +511,8 @@ class Barber(Method):
         reconstruction: dict[str, dict[str, float]] = {}
         pending: tuple[str, _ErrorAfter] | None = None  # a rebuilt sub-block whose error the next pass measures
         attn_after: _ErrorAfter | None = None
-        for block, params in zip(blocks, dense, strict=True):
+        for block in blocks:
+            params = dense.pop(0)  # this sub-block's dense float32 weights, released after its pass
             # With guard the error decides at once whether to keep the rebuilt weights; a sub-block
             # that sits directly in the layer (OPT's fc1/fc2) has no module to hook: both re-run on
             # kept records. Otherwise each batch's record is dropped once its gradient is taken.
@@ -521,6 +522,7 @@ class Barber(Method):
             records = _Records(ctx, block, keep=not defer,
                                capturing=pending[1].watching if pending is not None else None)
             block_swaps, reconstruction[block.kind], dense_out = self._rebuild(ctx, block, params, records, defer)
+            del params
             if pending is not None:
                 reconstruction[pending[0]]["mse_after"] = pending[1].mse()
             # Kept records are spent now: free them before the next pass records its own (each is
@@ -594,11 +596,12 @@ class Barber(Method):
         scores = {}
         for name in linears:
             magnitude_score = kept_values[name].abs()
-            if opts.score == "W":
+            if opts.score == "W" or not need_grad:  # without gradients (ratio 0) the scores are not used
                 scores[name] = magnitude_score
-            else:
-                root = grad_sq[name].sqrt().to(magnitude_score.device)
-                scores[name] = root if opts.score == "D" else magnitude_score * root
+            else:  # in place in G (not needed afterwards): one matrix of float32 less per linear
+                root = grad_sq.pop(name).sqrt_().to(magnitude_score.device)
+                scores[name] = root if opts.score == "D" else root.mul_(magnitude_score)
+            del magnitude_score
             if not torch.isfinite(scores[name]).all():
                 raise LLMPruneError(f"layer {ctx.layer.index} {name}: non-finite barber scores (gradients overflow)")
         names = list(linears)
@@ -610,13 +613,15 @@ class Barber(Method):
         else:
             new_masks = {n: rebuild_mask(old_masks[n], scores[n], opts.ratio, opts.granularity, m=m, nm_rule=opts.nm_rule)
                          for n in names}
+        del scores
         swaps = {}
         initial = {name: lin.weight.detach().clone() for name, lin in linears.items()} if opts.guard else None
         with torch.no_grad():
-            new_weights = self._reconstructed(ctx, weights, new_masks) if opts.reconstruct else {
-                name: kept_values[name].masked_fill(new_masks[name], 0.0) for name in linears}
-            for name, lin in linears.items():
-                lin.weight.copy_(new_weights[name].to(lin.weight.dtype))
+            solved = self._reconstructed(ctx, weights, new_masks) if opts.reconstruct else {}
+            for name, lin in linears.items():  # one new matrix at a time
+                new = solved.pop(name) if opts.reconstruct else kept_values[name].masked_fill(new_masks[name], 0.0)
+                lin.weight.copy_(new.to(lin.weight.dtype))
+                del new
                 swaps[name] = int((old_masks[name] & ~new_masks[name]).sum())
 
         if defer:
