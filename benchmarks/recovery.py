@@ -72,7 +72,6 @@ def main() -> None:
     args = ap.parse_args()
 
     out_path, work = Path(args.output), Path(args.work)
-    work.mkdir(parents=True, exist_ok=True)
     result: dict[str, Any] = {"runs": []}
     if args.resume and out_path.is_file():
         result = json.loads(out_path.read_text())
@@ -104,6 +103,7 @@ def main() -> None:
             return {**protocol, "recover": {k: v for k, v in protocol["recover"].items() if k != "variants"}}
         if fixed(previous) != fixed(result["protocol"]):
             ap.error(f"--resume: {out_path} was written with another protocol; use its settings or another --output")
+    work.mkdir(parents=True, exist_ok=True)
 
     def save() -> None:
         result["memory"] = {"peak_rss_mb": round(peak_rss_mb(), 1)}

@@ -68,3 +68,17 @@ def test_unstructured_benchmark_resume_keeps_the_files_notes(tmp_path: Path) -> 
     resumed = json.loads(out.read_text())
     assert resumed["notes"] == ["the magnitude row shared the CPU"]
     assert resumed["runs"] == data["runs"] and len(resumed["commands"]) == 2
+
+
+def test_recovery_benchmark_resume_refuses_another_protocol(tmp_path: Path) -> None:
+    """Rows trained on other text (or any other setting but the variants) are not resumed into."""
+    out = tmp_path / "out.json"
+    protocol = {"prune": {}, "recover": {"train_dataset": "c4", "variants": {}}, "eval": {}}
+    out.write_text(json.dumps({"protocol": protocol, "runs": []}))
+    before = out.read_bytes()
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "recovery.py"), "--resume", "--output", str(out),
+                           "--train-dataset", "wikitext2:validation", "--work", str(tmp_path / "work")],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "--resume" in proc.stderr and "another protocol" in proc.stderr
+    assert out.read_bytes() == before and not (tmp_path / "work").exists()
