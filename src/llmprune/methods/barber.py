@@ -427,24 +427,47 @@ def dense_grad_sq(
     grad_sq = {name: torch.zeros_like(w) for name, w in weights.items()} if with_grad else {}
     dense_out: list[Tensor] = []
     sse, numel, seen = 0.0, 0, 0
-    for leaf in weights.values():
+    # Each weight's gradient is folded into G as soon as the backward has it, then dropped, so one
+    # weight's gradient is held at a time instead of the whole sub-block's (0.36 GB less on a 7B MLP);
+    # the same values as torch.autograd.grad, bit for bit.
+    decay = {"keep": 0.0, "add": 0.0}
+    folded: list[str] = []
+
+    def fold(name: str) -> Callable[[Tensor], None]:
+        def hook(leaf: Tensor) -> None:
+            grad, leaf.grad = leaf.grad, None
+            grad_sq[name].mul_(decay["keep"]).add_(grad.pow(2), alpha=decay["add"])
+            folded.append(name)
+        return hook
+
+    handles = []
+    for name, leaf in weights.items():
         leaf.requires_grad_(with_grad)
+        if with_grad:
+            handles.append(leaf.register_post_accumulate_grad_hook(fold(name)))
     try:
         for b, target in enumerate(targets):
+            seen += samples[b]
+            decay.update(keep=(seen - samples[b]) / seen, add=samples[b] / seen)
+            folded.clear()
             with torch.set_grad_enabled(with_grad):
                 y_d = run_dense(b)
                 y_s = target.to(y_d.device, y_d.dtype)
                 loss = F.mse_loss(y_d, y_s)
-                grads = torch.autograd.grad(loss, list(weights.values())) if with_grad else ()
+                if with_grad:
+                    loss.backward()
+            if with_grad and sorted(folded) != sorted(weights):
+                raise RuntimeError(f"barber: the dense sub-block's output does not depend on "
+                                   f"{sorted(set(weights) - set(folded))}")
             sse += float(loss.detach()) * y_d.numel()
             numel += y_d.numel()
-            seen += samples[b]
-            for acc, g in zip(grad_sq.values(), grads, strict=with_grad):
-                acc.mul_((seen - samples[b]) / seen).add_(g.pow(2), alpha=samples[b] / seen)
             dense_out.append(store(y_d.detach(), target) if store is not None else y_d.detach())
     finally:
+        for handle in handles:
+            handle.remove()
         for leaf in weights.values():
             leaf.requires_grad_(False)
+            leaf.grad = None
     return grad_sq, dense_out, sse / max(numel, 1)
 
 
