@@ -106,6 +106,15 @@ def test_running_mean_weights_batches_by_samples() -> None:
     assert not w.requires_grad
 
 
+def test_gradient_of_every_weight_is_required() -> None:
+    """G is folded weight by weight during the backward: a weight the output does not depend on
+    would silently keep a stale G, so it is refused."""
+    w, unused = torch.tensor([[2.0]]), torch.tensor([[1.0]])
+    with pytest.raises(RuntimeError, match="does not depend on"):
+        dense_grad_sq(lambda b: torch.ones(1, 1) @ w.t(), [torch.zeros(1, 1)], {"w": w, "unused": unused}, [1])
+    assert not w.requires_grad and w.grad is None and not unused.requires_grad
+
+
 # ---------------------------------------------------------------- (b) end to end on every family
 
 
