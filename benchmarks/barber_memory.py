@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -54,14 +52,13 @@ def main() -> None:
         parser.error(f"--modes: memory and/or stream, got {args.modes!r}")
 
     from make_shaped_model import make
+    from provenance import CLI, child_env, provenance
 
     from llmprune.io.save import write_json_atomic
 
     args.workdir.mkdir(parents=True, exist_ok=True)
     model = args.workdir / f"{args.shape}-{args.layers}layers"
     out = args.workdir / "pruned"
-    cli = [sys.executable, "-c", "import sys; from llmprune.cli import app; sys.argv = ['llmprune', *sys.argv[1:]]; app()"]
-    env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
     try:
         made = make(args.shape, model, args.layers)
         config = json.loads((model / "config.json").read_text())
@@ -70,13 +67,13 @@ def main() -> None:
         runs: list[dict[str, Any]] = []
         for mode in modes:
             for method in ("wanda", "barber"):
-                cmd = [*cli, "prune", "--model", str(model), "--method", method, "--sparsity", "0.5",
+                cmd = [*CLI, "prune", "--model", str(model), "--method", method, "--sparsity", "0.5",
                        "--dtype", args.dtype, "--calib-dataset", "c4", "--data-dir", args.data_dir,
                        "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--eval", "",
                        "--no-eval-dense", "--stream" if mode == "stream" else "--no-stream",
                        "--output", str(out), "--overwrite"]
                 start = time.perf_counter()
-                proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+                proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
                 wall = time.perf_counter() - start
                 if proc.returncode != 0:
                     raise SystemExit(f"{method} ({mode}) failed:\n{proc.stderr[-4000:]}")
@@ -110,12 +107,7 @@ def main() -> None:
                       "layer_params": layer_params, "layer_mb_bf16": round(layer_mb, 1)},
             "runs": runs,
             "summary": summary,
-            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                        "load_average_at_end": os.getloadavg()},
-            "versions": versions,
-            "command": " ".join(["benchmarks/barber_memory.py", *sys.argv[1:]]),
-            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip() or None,
+            **provenance("barber_memory.py", versions),
         }
         args.results.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.results, result)

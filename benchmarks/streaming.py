@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import subprocess
 import sys
@@ -116,6 +114,7 @@ def main() -> None:
         return
 
     from make_shaped_model import make
+    from provenance import CLI, provenance
 
     from llmprune.io.save import write_json_atomic
     from llmprune.models.shards import ShardReader
@@ -129,11 +128,9 @@ def main() -> None:
             print(json.dumps(make(args.shape, model, args.layers)), flush=True)
         reader = ShardReader.open(model)
         config = json.loads((model / "config.json").read_text())
-        py = sys.executable
-        cli = [py, "-c", "import sys; from llmprune.cli import app; sys.argv = ['llmprune', *sys.argv[1:]]; app()"]
         runs = {}
         for sequential in ("layer", "linear"):
-            _, wall = _child([*cli, "prune", "--model", str(model), "--method", "wanda", "--sparsity", "0.5",
+            _, wall = _child([*CLI, "prune", "--model", str(model), "--method", "wanda", "--sparsity", "0.5",
                               "--stream", "--dtype", args.dtype, "--calib-dataset", "c4", "--data-dir", args.data_dir,
                               "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--no-eval-dense",
                               "--set", f"method.sequential={sequential}", "--output", str(out), "--overwrite"])
@@ -146,7 +143,7 @@ def main() -> None:
                 "tokens_sha256": report["calibration"]["tokens_sha256"],
             }
             shutil.rmtree(out, ignore_errors=True)
-        fl, floor_wall = _child([py, __file__, "--floor", "--model", str(model), "--data-dir", args.data_dir,
+        fl, floor_wall = _child([sys.executable, __file__, "--floor", "--model", str(model), "--data-dir", args.data_dir,
                                  "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--dtype", args.dtype,
                                  "--workdir", str(args.workdir)])
         floor_rep = json.loads(fl.stdout.strip().splitlines()[-1])
@@ -176,12 +173,7 @@ def main() -> None:
                 "prune_at_most_1.5x_floor": runs["layer"]["prune_s"] <= 1.5 * forward_s,
                 "prune_sequential_linear_at_most_1.5x_floor": runs["linear"]["prune_s"] <= 1.5 * forward_s,
             },
-            "machine": {"cpus": os.cpu_count(), "torch_threads": report["versions"]["torch_threads"],
-                        "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
-            "versions": report["versions"],
-            "command": " ".join(["benchmarks/streaming.py", *sys.argv[1:]]),
-            "commit": subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                                     text=True).stdout.strip() or None,
+            **provenance("streaming.py", report["versions"]),
         }
         args.results.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(args.results, result)
