@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from .conftest import save_tiny
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -45,8 +47,9 @@ def test_unstructured_benchmark_resume_refuses_another_protocol(tmp_path: Path) 
     out.write_text(json.dumps({"protocol": {"calibration": "another"}, "versions": {"cpu": versions()["cpu"]},
                                "runs": [{"kept": True}]}))
     before = out.read_bytes()
-    proc = unstructured("--resume", "--no-peer", "--nsamples", "1", "--seqlen", "16", "--output", str(out),
-                        "--workdir", str(tmp_path / "work"))
+    # A tiny local model: the refusal comes once the protocol is known, i.e. after the data is read.
+    proc = unstructured("--resume", "--no-peer", "--model", str(save_tiny(tmp_path / "model")), "--nsamples", "1",
+                        "--seqlen", "16", "--output", str(out), "--workdir", str(tmp_path / "work"))
     assert proc.returncode == 1, proc.stderr[-3000:]
     assert "--resume" in proc.stderr and "another protocol" in proc.stderr
     assert out.read_bytes() == before
@@ -56,8 +59,8 @@ def test_unstructured_benchmark_resume_keeps_the_files_notes(tmp_path: Path) -> 
     """Notes written into a results file (which rows shared the CPU, which were stopped) stay with its
     rows when ``--resume`` adds more."""
     out = tmp_path / "out.json"
-    args = ["--no-peer", "--methods", "magnitude", "--patterns", "unstructured", "--nsamples", "1", "--seqlen", "16",
-            "--eval-windows", "1", "--output", str(out), "--workdir", str(tmp_path / "work")]
+    args = ["--no-peer", "--model", str(save_tiny(tmp_path / "model")), "--methods", "magnitude", "--patterns",
+            "unstructured", "--nsamples", "1", "--seqlen", "16", "--eval-windows", "1", "--output", str(out), "--workdir", str(tmp_path / "work")]
     first = unstructured(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     data = json.loads(out.read_text())
