@@ -85,8 +85,10 @@ def floor(model: Path, data_dir: str, nsamples: int, seqlen: int, dtype_name: st
 
 
 def _child(cmd: list[str]) -> tuple[subprocess.CompletedProcess[str], float]:
+    from provenance import child_env
+
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=child_env())
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(f"{' '.join(cmd)} failed:\n{proc.stderr[-4000:]}")

@@ -60,7 +60,8 @@ def test_unstructured_benchmark_resume_keeps_the_files_notes(tmp_path: Path) -> 
     rows when ``--resume`` adds more."""
     out = tmp_path / "out.json"
     args = ["--no-peer", "--model", str(save_tiny(tmp_path / "model")), "--methods", "magnitude", "--patterns",
-            "unstructured", "--nsamples", "1", "--seqlen", "16", "--eval-windows", "1", "--output", str(out), "--workdir", str(tmp_path / "work")]
+            "unstructured", "--nsamples", "1", "--seqlen", "16", "--eval-windows", "1", "--output", str(out),
+            "--workdir", str(tmp_path / "work")]
     first = unstructured(*args)
     assert first.returncode == 0, first.stderr[-3000:]
     data = json.loads(out.read_text())
