@@ -69,6 +69,8 @@ BARBER_EXACT: dict[str, list[dict[str, Any]]] = {  # the reconstruct runs with t
     + [{**runs[0], "ratio": 0.0, "reconstruct_solver": "exact"}]
     for kind, runs in BARBER_RECONSTRUCT.items()
 }
+SWEEP_GRANULARITIES = ("output", "layer", "block", "input")  # --barber-sweep's cells, in the order run
+SWEEP_RATIOS = (0.001, 0.01, 0.05, 0.1)
 BARBER_PRESETS = {  # LLM-Barber's reference hyper-parameters per initializer
     "magnitude": {"granularity": "block", "ratio": 0.1},
     "wanda": {"granularity": "output", "ratio": 0.01},
@@ -150,6 +152,11 @@ def main() -> None:
                     help="which Barber runs: presets (the paper's, per initializer), extras (other rules and "
                          "retained reconstruction), reconstruct (the reconstruct extension), exact (reconstruct with "
                          "the exact row-wise solver)")
+    ap.add_argument("--sweep-granularities", default=",".join(SWEEP_GRANULARITIES),
+                    help="only these granularities of --barber-sweep (comma-separated), e.g. to finish a sweep "
+                         "on another machine, where --resume is refused")
+    ap.add_argument("--sweep-ratios", default=",".join(map(str, SWEEP_RATIOS)),
+                    help="only these ratios of --barber-sweep (comma-separated, from the sweep's own)")
     ap.add_argument("--barber-inits", default="magnitude,wanda,sparsegpt",
                     help="only the Barber runs over these initializers (comma-separated; the sweep is over Wanda)")
     ap.add_argument("--peer-methods", default="wanda,sparsegpt", help="llm-compressor runs beside ours")
@@ -163,7 +170,9 @@ def main() -> None:
     for flag, value, known in (("--methods", args.methods, set(METHODS.names())),
                                ("--barber-configs", args.barber_configs, {"presets", "extras", "reconstruct", "exact"}),
                                ("--barber-inits", args.barber_inits, set(BARBER_PRESETS)),
-                               ("--peer-methods", args.peer_methods, {"wanda", "sparsegpt"})):
+                               ("--peer-methods", args.peer_methods, {"wanda", "sparsegpt"}),
+                               ("--sweep-granularities", args.sweep_granularities, set(SWEEP_GRANULARITIES)),
+                               ("--sweep-ratios", args.sweep_ratios, set(map(str, SWEEP_RATIOS)))):
         unknown = sorted(set(value.split(",")) - known)
         if unknown:
             ap.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))} (comma-separated)")
@@ -250,12 +259,14 @@ def main() -> None:
                 done("llmcompressor", method, pattern, {}) or record(peer(args, work, method, pattern, calib_file, model_dir))
     if args.barber_sweep and "barber" in METHODS:  # over Wanda: ratio at output granularity first, then the rest
         sweep: list[tuple[str, dict[str, Any]]] = []
-        for gran, nm_rules in (("output", ("reference", "paired")), ("layer", ("reference",)),
-                               ("block", ("reference",)), ("input", ())):
+        nm_rules = {"output": ("reference", "paired"), "layer": ("reference",), "block": ("reference",), "input": ()}
+        grans = args.sweep_granularities.split(",")
+        ratios = [r for r in SWEEP_RATIOS if str(r) in args.sweep_ratios.split(",")]
+        for gran in (g for g in SWEEP_GRANULARITIES if g in grans):
             for pattern in patterns:
                 nm = pattern != "unstructured"
-                for rule in nm_rules if nm else ("",):  # "input" cannot keep an N:M pattern (refused)
-                    for ratio in (0.001, 0.01, 0.05, 0.1):
+                for rule in nm_rules[gran] if nm else ("",):  # "input" cannot keep an N:M pattern (refused)
+                    for ratio in ratios:
                         options = {"init": "wanda", "ratio": ratio, "granularity": gran}
                         sweep.append((pattern, options | ({"nm_rule": rule} if rule == "paired" else {})))
         for pattern, options in sweep:

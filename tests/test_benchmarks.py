@@ -21,7 +21,8 @@ def unstructured(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[
 
 
 @pytest.mark.parametrize(("flag", "value"), [("--methods", "wanda,wandda"), ("--barber-configs", "presets,reconstrut"),
-                                             ("--barber-inits", "wanda,magnitud"), ("--peer-methods", "magnitude")])
+                                             ("--barber-inits", "wanda,magnitud"), ("--peer-methods", "magnitude"),
+                                             ("--sweep-granularities", "layer,blok"), ("--sweep-ratios", "0.1,0.2")])
 def test_unstructured_benchmark_rejects_unknown_names(flag: str, value: str, tmp_path: Path) -> None:
     proc = unstructured(flag, value, "--output", str(tmp_path / "out.json"), "--workdir", str(tmp_path / "work"),
                         timeout=120)
@@ -72,6 +73,20 @@ def test_unstructured_benchmark_resume_keeps_the_files_notes(tmp_path: Path) -> 
     resumed = json.loads(out.read_text())
     assert resumed["notes"] == ["the magnitude row shared the CPU"]
     assert resumed["runs"] == data["runs"] and len(resumed["commands"]) == 2
+
+
+def test_unstructured_benchmark_runs_only_the_sweep_cells_asked(tmp_path: Path) -> None:
+    """``--sweep-granularities`` and ``--sweep-ratios`` restrict ``--barber-sweep`` to those cells (how a
+    sweep begun on another processor, where ``--resume`` is refused, is finished in a file of its own)."""
+    out = tmp_path / "out.json"
+    proc = unstructured("--no-peer", "--model", str(save_tiny(tmp_path / "model")), "--methods", "wanda", "--patterns",
+                        "2:4", "--barber-sweep", "--sweep-granularities", "block,layer", "--sweep-ratios", "0.1",
+                        "--nsamples", "1", "--seqlen", "16", "--eval-windows", "1", "--output", str(out),
+                        "--workdir", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [(r["method"], r["request"].get("granularity"), r["request"].get("ratio"))
+            for r in json.loads(out.read_text())["runs"]]
+    assert runs == [("wanda", None, None), ("barber", "layer", 0.1), ("barber", "block", 0.1)]
 
 
 def test_recovery_benchmark_resume_refuses_another_protocol(tmp_path: Path) -> None:
