@@ -5,7 +5,10 @@ after an interruption, bad input, and (slow) a real recovery of SmolLM2 after CF
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -213,6 +216,44 @@ def test_resume_after_interruption_gives_the_same_adapter(runs: dict[str, Path],
     a, b = load_file(tmp_path / "straight" / "model.safetensors"), load_file(tmp_path / "resumed" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not (tmp_path / "resumed.partial").exists()
+
+
+def test_two_processes_train_like_one_with_twice_the_batch(runs: dict[str, Path], tmp_path: Path) -> None:
+    """``torchrun --nproc-per-node 2`` on CPU (gloo): each process takes its own windows of a step,
+    gradients are averaged and only the main process writes, so two processes with batch 1 train what
+    one process with batch 2 trains (the same windows, the same averaged loss)."""
+    one = llmprune.recover(runs["cfsp"], output=tmp_path / "one", **_fast(runs, checkpoint_every=2))
+    args = ["--model", str(runs["cfsp"]), "--output", str(tmp_path / "two"), "--steps", "4", "--seqlen", "32",
+            "--batch-size", "1", "--rank", "4", "--lr", "1e-2", "--train-dataset", str(runs["text"]), "--eval",
+            str(runs["held"]), "--eval-seqlen", "64", "--eval-windows", "2", "--checkpoint-every", "2", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "-m", "llmprune.cli", "recover", *args], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trainable params") == 1  # one summary, from the main process
+    two = json.loads((tmp_path / "two" / "llmprune.json").read_text())["recovery"]
+    ref = one.report["recovery"]
+    assert (two["processes"], two["batch_size"], ref["processes"], ref["batch_size"]) == (2, 1, 1, 2)
+    assert two["data"]["tokens_sha256"] == ref["data"]["tokens_sha256"] and two["ranks"] == ref["ranks"]
+    assert two["loss"]["curve"] == pytest.approx(ref["loss"]["curve"], rel=1e-4)
+    a, b = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
+    assert not (tmp_path / "two.partial").exists()
+    # an interrupted run resumes only with the process count it had (the windows of a step depend on it)
+    class Crash(Exception):
+        pass
+
+    def crash(step: int) -> None:
+        raise Crash
+
+    with pytest.raises(Crash):
+        llmprune.recover(runs["cfsp"], output=tmp_path / "three", on_step=crash, **_fast(runs, checkpoint_every=1))
+    settings_file = tmp_path / "three.partial" / "settings.json"
+    settings_file.write_text(json.dumps(json.loads(settings_file.read_text()) | {"processes": 2}))
+    with pytest.raises(LLMPruneError, match="differing: processes"):
+        llmprune.recover(runs["cfsp"], output=tmp_path / "three", **_fast(runs, checkpoint_every=1))
 
 
 def _block_sizes(model: torch.nn.Module) -> list[int]:

@@ -415,6 +415,8 @@ def recover(
     except LLMPruneError as exc:
         _fail(exc)
         return
+    if not result.main_process:  # one summary per launch, from the process that wrote the output
+        return
     rep, rec = result.report, result.report["recovery"]
     table = Table(title=f"recovery ({rec['capacity']} LoRA) of {rep['model']}")
     for col in ("dataset", "seqlen", "windows", "ppl before", "ppl after"):

@@ -64,6 +64,7 @@ class RecoveryResult:
     tokenizer: Any
     report: dict[str, Any]
     output: Path | None
+    main_process: bool = True  # False in the other processes of a multi-process launch (they write nothing)
 
 
 def _saved_importance(report: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -184,12 +185,21 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
             raise LLMPruneError(f"training and evaluation would both read {src.key}; never train on the evaluated "
                                 f"split (choose another --train-dataset, e.g. c4 or wikitext2:train)")
     device_ = pick_device(device)
+    # Under accelerate launch / torchrun this joins the launch's process group: one state per process,
+    # the main one writes. ``cpu`` matters: without it accelerate sees no distributed run on a machine
+    # without GPUs, and every process would train alone and write the same output.
+    from accelerate import PartialState
+
+    state = PartialState(cpu=device_.type == "cpu")
+    world = state.num_processes
+    if world > 1:
+        device_ = state.device  # each process computes on the device its launcher gave it (cuda:LOCAL_RANK, cpu)
     settings = {
         "model": source.location, "model_fingerprint": _fingerprint(folder) if folder is not None else None,
         "steps": steps, "seqlen": seqlen, "batch_size": batch_size, "lr": lr, "warmup": warmup, "rank": rank,
         "alpha_per_rank": alpha_per_rank, "capacity": capacity, "importance": importance_from, "power": power,
         "max_rank": max_rank, "importance_windows": importance_windows, "train_data": train_source.key,
-        "seed": seed, "dtype": dtype,
+        "seed": seed, "dtype": dtype, "processes": world,  # the windows a step reads depend on the process count
     }
     work = dest.parent / f"{dest.name}.partial"
     resuming = False
@@ -203,11 +213,8 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
         resuming = read_checkpoint(work) is not None
 
     # --- load, data, capacity
-    from accelerate import PartialState
     from peft import LoraConfig, get_peft_model
 
-    state = PartialState()  # under accelerate launch / torchrun: one per process; the main one writes
-    world = state.num_processes
     t0 = time.perf_counter()
     net, tok = load_model(str(model), dtype, device)
     net.to(device_)
@@ -249,10 +256,11 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
             imp_record["weights"] = values
         ranks = importance_ranks(values, costs, rank, power=power, max_rank=max_rank)
 
-    if not work.exists():  # everything is checked: from here on, an interrupted run can be resumed
+    state.wait_for_everyone()  # every process has looked for an interrupted run before the main one starts one
+    if not work.exists() and state.is_main_process:  # everything is checked: from here on, a run can be resumed
         work.mkdir(parents=True, exist_ok=True)
-        if state.is_main_process:
-            write_json_atomic(work / "settings.json", settings)
+        write_json_atomic(work / "settings.json", settings)
+    state.wait_for_everyone()
 
     def evaluate_all(m: Any) -> dict[str, Any]:
         return {name: perplexity(m, ids, seqlen=eval_seqlen, windows=eval_windows, device=device_)
@@ -357,12 +365,13 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
                        extra=(lambda tmp: shutil.copytree(adapter_tmp, tmp / ADAPTER_DIR)) if merge_mode == "adapter" else None)
         shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
-    log.info("saved %s (resumed: %s)", out, resuming)
+    if state.is_main_process:
+        log.info("saved %s (resumed: %s; %d process%s)", out, resuming, world, "es" if world > 1 else "")
     if merge_mode == "adapter":
         from peft import PeftModel
 
         base = PeftModel.from_pretrained(base, str(out / ADAPTER_DIR)).eval()
-    return RecoveryResult(base, tok, report, out)
+    return RecoveryResult(base, tok, report, out, main_process=state.is_main_process)
 
 
 def require_peft() -> None:
