@@ -1,11 +1,11 @@
 """The recovery training loop: causal-LM loss on fixed token windows, AdamW, resumable checkpoints.
 
 The loop runs under ``accelerate.Accelerator``, so ``accelerate launch`` or ``torchrun`` on several
-GPUs (or ``torchrun`` with CPU processes, gloo) runs it unchanged: at step s process p takes windows ``[(s * P + p) * B, (s * P + p + 1) * B)``
-of the pre-drawn windows (P processes, batch B per process), so the data a step sees depends only
-on the step (the data position of a checkpoint is its step). The learning-rate schedule counts
-optimizer steps (the scheduler is stepped by hand, not through ``prepare``), so it is the same for
-any number of processes.
+GPUs (or ``torchrun`` with CPU processes, gloo) runs it unchanged: at step s process p takes windows
+``[(s * P + p) * B, (s * P + p + 1) * B)`` of the pre-drawn windows (P processes, batch B per
+process), so the data a step sees depends only on the step (the data position of a checkpoint is
+its step). The learning-rate schedule counts optimizer steps (the scheduler is stepped by hand, not
+through ``prepare``), so it is the same for any number of processes.
 
 Checkpoint (main process, every ``checkpoint_every`` steps): one file ``checkpoint.pt`` in the run's
 work folder, written to a temporary name and moved into place with ``os.replace`` (a crash leaves
