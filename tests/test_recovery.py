@@ -5,7 +5,6 @@ after an interruption, bad input, and (slow) a real recovery of SmolLM2 after CF
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -187,19 +186,25 @@ def test_recover_adapter_mode_reloads(runs: dict[str, Path], tmp_path: Path) -> 
         assert torch.equal(base[k], w)  # the sparse base weights are untouched
 
 
+class Crash(Exception):
+    """Raised by :func:`crash_at` to interrupt a recovery run."""
+
+
+def crash_at(stop: int):  # type: ignore[no-untyped-def]
+    """An ``on_step`` hook that interrupts the run after step ``stop`` (after its checkpoint)."""
+
+    def hook(step: int) -> None:
+        if step == stop:
+            raise Crash
+
+    return hook
+
+
 def test_resume_after_interruption_gives_the_same_adapter(runs: dict[str, Path], tmp_path: Path) -> None:
     kw = _fast(runs, steps=6, checkpoint_every=2, eval=None, capacity="uniform")
     llmprune.recover(runs["cfsp"], output=tmp_path / "straight", **kw)
-
-    class Crash(Exception):
-        pass
-
-    def crash_at_3(step: int) -> None:
-        if step == 3:
-            raise Crash
-
     with pytest.raises(Crash):
-        llmprune.recover(runs["cfsp"], output=tmp_path / "resumed", on_step=crash_at_3, **kw)
+        llmprune.recover(runs["cfsp"], output=tmp_path / "resumed", on_step=crash_at(3), **kw)
     assert (tmp_path / "resumed.partial" / "checkpoint.pt").is_file() and not (tmp_path / "resumed").exists()
     with pytest.raises(LLMPruneError, match="different settings.*lr"):
         llmprune.recover(runs["cfsp"], output=tmp_path / "resumed", **(kw | {"lr": 5e-3}))
@@ -226,9 +231,8 @@ def test_two_processes_train_like_one_with_twice_the_batch(runs: dict[str, Path]
     args = ["--model", str(runs["cfsp"]), "--output", str(tmp_path / "two"), "--steps", "4", "--seqlen", "32",
             "--batch-size", "1", "--rank", "4", "--lr", "1e-2", "--train-dataset", str(runs["text"]), "--eval",
             str(runs["held"]), "--eval-seqlen", "64", "--eval-windows", "2", "--checkpoint-every", "2", "--device", "cpu"]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1] / "src")}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-                           "-m", "llmprune.cli", "recover", *args], capture_output=True, text=True, env=env, timeout=600)
+                           "-m", "llmprune.cli", "recover", *args], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("trainable params") == 1  # one summary, from the main process
     two = json.loads((tmp_path / "two" / "llmprune.json").read_text())["recovery"]
@@ -242,14 +246,8 @@ def test_two_processes_train_like_one_with_twice_the_batch(runs: dict[str, Path]
         torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-5)
     assert not (tmp_path / "two.partial").exists()
     # an interrupted run resumes only with the process count it had (the windows of a step depend on it)
-    class Crash(Exception):
-        pass
-
-    def crash(step: int) -> None:
-        raise Crash
-
     with pytest.raises(Crash):
-        llmprune.recover(runs["cfsp"], output=tmp_path / "three", on_step=crash, **_fast(runs, checkpoint_every=1))
+        llmprune.recover(runs["cfsp"], output=tmp_path / "three", on_step=crash_at(1), **_fast(runs, checkpoint_every=1))
     settings_file = tmp_path / "three.partial" / "settings.json"
     settings_file.write_text(json.dumps(json.loads(settings_file.read_text()) | {"processes": 2}))
     with pytest.raises(LLMPruneError, match="differing: processes"):
