@@ -143,6 +143,9 @@ def offline_task_config(data_dir: str | None) -> tuple[dict[str, Any], dict[str,
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".test.", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(item) + "\n" for item in items)
+        from ..io.save import follow_umask
+
+        follow_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, path)
     items_sha = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     config = {

@@ -3,6 +3,10 @@
 Everything is written into a temporary folder beside the destination and moved into place with
 ``os.replace``; an existing destination is only replaced with ``overwrite=True``, and then only
 after the new folder is complete.
+
+Temporary files and folders (``mkstemp``: 0600, ``mkdtemp``: 0700) are given the modes the user's
+umask gives ordinary files (0666 & ~umask) and folders (0777 & ~umask) before they are moved into
+place, so a saved run can be shared or published like any folder the user creates.
 """
 
 from __future__ import annotations
@@ -36,6 +40,36 @@ def check_output_dir(output: str | os.PathLike[str], overwrite: bool) -> Path:
     return path
 
 
+def current_umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``os.umask`` sets it, which
+    races with other threads creating files); elsewhere set and restored at once."""
+    with contextlib.suppress(OSError, ValueError), open("/proc/self/status", encoding="ascii") as fh:
+        for line in fh:
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def follow_umask(path: str | os.PathLike[str]) -> None:
+    """Give ``path`` (a file, or a folder and everything in it) the modes the umask gives new files
+    (0666 & ~umask) and folders (0777 & ~umask): what ``open``/``mkdir`` would have given them."""
+    mask = current_umask()
+    root = Path(path)
+    if not root.is_dir():
+        os.chmod(root, 0o666 & ~mask)
+        return
+    os.chmod(root, 0o777 & ~mask)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs:
+            os.chmod(os.path.join(folder, name), 0o777 & ~mask)
+        for name in files:
+            full = os.path.join(folder, name)
+            if not os.path.islink(full):
+                os.chmod(full, 0o666 & ~mask)
+
+
 def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -44,6 +78,7 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, sort_keys=False, default=str)
             fh.write("\n")
+        follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -51,7 +86,10 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
 
 
 def install_dir(tmp: Path, dest: Path) -> None:
-    """Move the complete folder ``tmp`` to ``dest`` (beside it), replacing an existing ``dest`` only then."""
+    """Move the complete folder ``tmp`` to ``dest`` (beside it), replacing an existing ``dest`` only then.
+
+    Its files and folders get the umask's modes first (``tmp`` may come from ``mkdtemp``)."""
+    follow_umask(tmp)
     if dest.exists():
         old = Path(tempfile.mkdtemp(dir=dest.resolve().parent, prefix=f".{dest.name}.old-"))
         os.replace(dest, old / "previous")

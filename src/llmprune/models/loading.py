@@ -107,6 +107,9 @@ def gguf_to_folder(gguf_path: str) -> Path:
             del model.config.quantization_config
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        from ..io.save import follow_umask
+
+        follow_umask(tmp)  # mkdtemp made it 0700; the cache is as readable as the user's other files
         try:
             os.replace(tmp, target)
         except OSError:  # another process finished first

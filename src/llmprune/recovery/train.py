@@ -29,6 +29,8 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from ..io.save import follow_umask
+
 CHECKPOINT = "checkpoint.pt"
 
 
@@ -66,6 +68,7 @@ def _write_checkpoint(work: Path, state: dict[str, Any]) -> None:
     os.close(fd)
     try:
         torch.save(state, tmp)
+        follow_umask(tmp)  # mkstemp made it 0600
         os.replace(tmp, work / CHECKPOINT)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
