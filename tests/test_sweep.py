@@ -120,8 +120,10 @@ def test_overwrite_replaces_only_when_complete(tiny_model_dir, data_dir: Path, t
     sweep(model, values="0.25,0.5", method="magnitude", output=str(out), data_dir=str(data_dir), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["sparsity-0.25", "sparsity-0.5", SWEEP_NAME]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".sweep")]
-    # The report records where the run lives, not the temporary folder it was built in.
-    assert json.loads((out / "sparsity-0.25" / "llmprune.json").read_text())["recipe"]["output"] == str(out / "sparsity-0.25")
+    # The report names the point's folder, neither the temporary folder it was built in nor any local path.
+    text = (out / "sparsity-0.25" / "llmprune.json").read_text()
+    assert json.loads(text)["recipe"]["output"] is None and json.loads(text)["sweep"]["folder"] == "sparsity-0.25"
+    assert ".sweep" not in text and str(tmp_path) not in text
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [

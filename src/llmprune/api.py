@@ -19,7 +19,9 @@ from .engine.streaming import StreamingStore, partial_dir, settings_hash
 from .errors import LLMPruneError
 from .eval.perplexity import perplexity
 from .eval.zeroshot import PreparedTasks, prepare_tasks, run_zeroshot
-from .io.save import REPORT_NAME, check_output_dir, install_dir, save_run, write_json_atomic
+from .io.provenance import describe_loaded, describe_source, saved_dtype
+from .io.public import namer_for, public_report
+from .io.save import check_output_dir, finish_folder, install_dir, save_run
 from .methods import METHODS, Method
 from .methods.structured import ChannelMethod, RemovalStep
 from .models.loading import (
@@ -251,9 +253,14 @@ def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.
     timings["total_s"] = time.perf_counter() - t_start
     report.update(_report_fields(plan, net, calib_ids, sparsity, structure, layer_reports, timings))
     report.update(extra or {})
+    source = describe_source(rec.model.name) if model_name == rec.model.name else describe_loaded(net)
+    report["dtype"] = saved_dtype(rec.model.dtype, source, next(net.parameters()).dtype)
+    report = public_report(report, source, rec.data_dir)
     out_path = None
     if rec.output is not None:
-        out_path = save_run(net, tok, report, save_to or rec.output, overwrite=rec.overwrite)
+        out_path = save_run(net, tok, report, save_to or rec.output, overwrite=rec.overwrite,
+                            dtype=pick_dtype(report["dtype"]["saved"], plan.device),
+                            namer=namer_for(source, rec.data_dir))
         log.info("saved %s", out_path)
     return PruneResult(net, tok, report, out_path, layer_reports, method)
 
@@ -394,7 +401,11 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     report = {"model": rec.model.name,
               **_report_fields(plan, net, calib_ids, store.sparsity(), structure, layer_reports, timings),
               "streaming": {"resumed_at_layer": resumed_from, "layers": len(view.layers)}}
-    write_json_atomic(work / REPORT_NAME, report)
+    source = describe_source(rec.model.name)
+    report["dtype"] = {**saved_dtype(rec.model.dtype, source, dtype), "saved": str(dtype).removeprefix("torch."),
+                       "rule": "a streamed run writes each layer in the dtype it computed in (model.dtype)"}
+    report = public_report(report, source, rec.data_dir)
+    finish_folder(work, report, namer_for(source, rec.data_dir))
     check_output_dir(dest, rec.overwrite)
     store.discard_progress()
     install_dir(work, dest)

@@ -116,18 +116,58 @@ def staged_dir(output: str | os.PathLike[str], *, overwrite: bool) -> Iterator[P
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def _cast_state(model: Any, dtype: Any) -> dict[str, Any]:
+    """The model's state dict with floating tensors in ``dtype``; tensors that share storage (tied
+    embeddings) stay shared, so ``save_pretrained`` still writes them once."""
+    cast: dict[tuple[int, Any], Any] = {}
+    out = {}
+    for key, tensor in model.state_dict().items():
+        if not tensor.is_floating_point() or tensor.dtype == dtype:
+            out[key] = tensor
+            continue
+        ident = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+        if ident not in cast:
+            cast[ident] = tensor.to(dtype)
+        out[key] = cast[ident]
+    return out
+
+
+def save_model(model: Any, folder: Path, dtype: Any = None) -> None:
+    """``model.save_pretrained(folder)`` with the weights in ``dtype`` (a ``torch.dtype``; None: as they
+    are), leaving the model in memory untouched (it keeps computing in its own precision)."""
+    if dtype is None or getattr(model, "dtype", dtype) == dtype:
+        model.save_pretrained(folder)
+        return
+    model.save_pretrained(folder, state_dict=_cast_state(model, dtype))
+    config_path = folder / "config.json"  # save_pretrained writes the dtype of the model, not of the tensors
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    write_json_atomic(config_path, config)
+
+
+def finish_folder(folder: Path, report: dict[str, Any], namer: Any = None) -> None:
+    """Write the report (and the model card) into a run folder being built; with ``namer`` (an
+    :class:`llmprune.io.public.PathNamer`) whole-value local paths in its config files are replaced."""
+    if namer is not None:
+        from .public import scrub_folder
+
+        scrub_folder(folder, namer)
+    write_json_atomic(folder / REPORT_NAME, report)
+
+
 def save_run(model: Any, tokenizer: Any, report: dict[str, Any], output: str | os.PathLike[str], *, overwrite: bool,
-             extra: Callable[[Path], Any] | None = None) -> Path:
-    """Save model (safetensors), tokenizer and report; the model reloads with plain ``from_pretrained``.
+             extra: Callable[[Path], Any] | None = None, dtype: Any = None, namer: Any = None) -> Path:
+    """Save model (safetensors, in ``dtype`` when given), tokenizer and report; the model reloads with
+    plain ``from_pretrained``.
 
     ``extra(folder)`` may write more files into the temporary folder before it is moved into place."""
     with staged_dir(output, overwrite=overwrite) as tmp:
-        model.save_pretrained(tmp)
+        save_model(model, tmp, dtype)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
-        write_json_atomic(tmp / REPORT_NAME, report)
+        finish_folder(tmp, report, namer)
     return Path(output).expanduser()
 
 
