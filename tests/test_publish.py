@@ -207,3 +207,74 @@ def test_path_namer() -> None:
     for kept in ("https://huggingface.co/org/m", "org/model", "2:4", "c4/x.parquet", "tokens/s", "a / b"):
         assert namer.text(kept) == kept
     assert namer.whole("/x/y.json") == "y.json" and namer.whole("Ġ/usr") == "Ġ/usr"
+
+
+# ------------------------------------------------------------------ the model card
+
+def _hub_like_source(tmp_path: Path) -> Path:
+    """A tiny model in the Hub cache's layout (models--org--tiny/snapshots/REV) with a card of its own."""
+    from tests.conftest import save_tiny
+
+    folder = save_tiny(tmp_path / "hub" / "models--org--tiny" / "snapshots" / "0123abc")
+    (folder / "README.md").write_text("---\nlicense: mit\nbase_model: org/its-parent\n---\n\n# tiny\n")
+    return folder
+
+
+def test_model_card_of_an_unstructured_run(tmp_path: Path, data_dir: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run"
+    result = llmprune.prune(str(_hub_like_source(tmp_path)), method="wanda", pattern="2:4", calib_dataset="c4",
+                            nsamples=4, seqlen=32, eval="wikitext2", eval_seqlen=64, eval_windows=1,
+                            data_dir=str(data_dir), output=str(out))
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert data["base_model"] == "org/tiny" and data["license"] == "mit" and data["library_name"] == "transformers"
+    assert {"llmprune", "pruning", "wanda", "sparse", "2:4-sparsity"} <= set(data["tags"])
+    assert data["datasets"] == ["allenai/c4"] and data["pipeline_tag"] == "text-generation"
+    rep = result.report
+    assert rep["model"] == "org/tiny" and rep["source"]["base_model"] == "org/tiny"
+    text = card.text
+    ppl = rep["eval"]["wikitext2"]["ppl"]
+    assert f"| wikitext2 | 64 | 1 of {rep['eval']['wikitext2']['windows_available']} | " \
+           f"{rep['eval_dense']['wikitext2']['ppl']:.3f} | {ppl:.3f} |" in text
+    assert "AutoModelForCausalLM.from_pretrained" in text and "llmprune export RUN_DIR --format gguf" in text
+    assert "| `method.pattern` | `2:4` |" in text and "| `calib.nsamples` | 4 |" in text
+    assert rep["calibration"]["tokens_sha256"] in text and "2:4 pattern valid | True" in text
+    assert "--recipe RUN_DIR" in text and "--calib-dataset PATH" not in text  # c4 is a named dataset
+
+
+def test_model_card_of_a_structured_run(tiny_model_dir, calib_file: Path, tmp_path: Path) -> None:
+    from huggingface_hub import ModelCard
+
+    out = tmp_path / "run"
+    result = llmprune.prune(str(tiny_model_dir("llama")), method="cfsp", sparsity=0.3,
+                            calib_dataset=str(calib_file), nsamples=4, seqlen=32, output=str(out))
+    widths = result.report["structure"]["mlp_channels"]["widths"]
+    assert len(set(widths)) > 1
+    card = ModelCard.load(out / "README.md")
+    data = card.data.to_dict()
+    assert "base_model" not in data and "license" not in data and "datasets" not in data  # not known: not made up
+    assert data["library_name"] == "llmprune" and {"cfsp", "structured-pruning"} <= set(data["tags"])
+    text = card.text
+    assert "llmprune.load(" in text and "--uniform" in text and "llmprune export RUN_DIR" in text
+    assert "| MLP width per layer | " + ", ".join(map(str, widths)) + " |" in text
+    assert "--model PATH" in text and "--calib-dataset PATH" in text
+
+
+def test_model_card_is_written_with_the_folder(tiny_model_dir, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import llmprune.io.card
+
+    out = tmp_path / "run"
+    llmprune.prune(str(tiny_model_dir("llama")), method="magnitude", sparsity=0.5, output=str(out))
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "README.md" in before
+
+    def broken(_report: dict) -> str:
+        raise RuntimeError("card failed")
+
+    monkeypatch.setattr(llmprune.io.card, "card_text", broken)
+    with pytest.raises(RuntimeError, match="card failed"):
+        llmprune.prune(str(tiny_model_dir("llama")), method="magnitude", sparsity=0.3, output=str(out), overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old folder, whole
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []

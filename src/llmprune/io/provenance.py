@@ -148,8 +148,10 @@ def describe_source(name: str) -> dict[str, Any]:
             except (OSError, ValueError):
                 earlier = {}
             out.update({k: earlier[k] for k in ("base_model", "license") if earlier.get(k)})
-        for key, value in _card_metadata(folder / "README.md").items():
-            out.setdefault(key, value)
+        # A plain folder's own card names *its* parent as base_model, not this model: only the license carries.
+        card = _card_metadata(folder / "README.md")
+        if card.get("license"):
+            out.setdefault("license", card["license"])
         out["dtype"] = _config_dtype(folder / "config.json")
     if source.kind != "hub":
         out["location"] = source.location  # local only: io.public maps it to the name and drops it

@@ -24,6 +24,7 @@ from ..errors import LLMPruneError
 
 REPORT_NAME = "llmprune.json"
 SWEEP_NAME = "sweep.json"  # the index of a sweep folder (llmprune.sweeps)
+CARD_NAME = "README.md"  # the model card (llmprune.io.card)
 
 
 def check_output_dir(output: str | os.PathLike[str], overwrite: bool) -> Path:
@@ -78,6 +79,20 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, sort_keys=False, default=str)
             fh.write("\n")
+        follow_umask(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
         follow_umask(tmp)
         os.replace(tmp, path)
     except BaseException:
@@ -148,10 +163,13 @@ def save_model(model: Any, folder: Path, dtype: Any = None) -> None:
 def finish_folder(folder: Path, report: dict[str, Any], namer: Any = None) -> None:
     """Write the report (and the model card) into a run folder being built; with ``namer`` (an
     :class:`llmprune.io.public.PathNamer`) whole-value local paths in its config files are replaced."""
+    from .card import card_text
+
     if namer is not None:
         from .public import scrub_folder
 
         scrub_folder(folder, namer)
+    write_text_atomic(folder / CARD_NAME, card_text(report))
     write_json_atomic(folder / REPORT_NAME, report)
 
 

@@ -39,6 +39,8 @@ from ..data.sources import resolve, resolve_data_dir
 from ..data.tokens import calibration_windows, evaluation_sets, token_hash
 from ..errors import LLMPruneError
 from ..eval.perplexity import perplexity
+from ..io.provenance import describe_source
+from ..io.public import namer_for, public_report
 from ..io.save import REPORT_NAME, check_output_dir, read_report, save_run, write_json_atomic
 from ..models.loading import load_model, pick_device, resolve_source
 from ..models.view import model_view
@@ -359,9 +361,11 @@ def recover(model: str | Path, *, output: str | Path, steps: int = 100, seqlen: 
         "device": str(device_),
         "versions": versions(),
     }
+    source = describe_source(str(model))  # published without local paths (llmprune.io.public)
+    report = public_report(report, source, data_dir)
     out = dest
     if state.is_main_process:
-        out = save_run(base, tok, report, dest, overwrite=overwrite,
+        out = save_run(base, tok, report, dest, overwrite=overwrite, namer=namer_for(source, data_dir),
                        extra=(lambda tmp: shutil.copytree(adapter_tmp, tmp / ADAPTER_DIR)) if merge_mode == "adapter" else None)
         shutil.rmtree(work, ignore_errors=True)
     state.wait_for_everyone()
