@@ -278,3 +278,70 @@ def test_model_card_is_written_with_the_folder(tiny_model_dir, tmp_path: Path, m
         llmprune.prune(str(tiny_model_dir("llama")), method="magnitude", sparsity=0.3, output=str(out), overwrite=True)
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the old folder, whole
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".run")] == []
+
+
+# ------------------------------------------------------------------ re-running a run from its folder
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_rerun_from_a_run_folder(tiny_model_dir, calib_file: Path, data_dir: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmprune.cli import app
+
+    runner = CliRunner()
+    model = tiny_model_dir("qwen3")
+    first = tmp_path / "first"
+    args = ["prune", "--model", str(model), "--method", "sparsegpt", "--sparsity", "0.5", "--calib-dataset",
+            str(calib_file), "--nsamples", "3", "--seqlen", "32", "--seed", "7", "--data-dir", str(data_dir),
+            "--eval", "wikitext2", "--eval-seqlen", "64", "--eval-windows", "1", "--set", "method.block_size=16",
+            "--output", str(first)]
+    assert (res := runner.invoke(app, args)).exit_code == 0, res.output
+    # As published, the folder names its local inputs by name only: the re-run says which flags give them.
+    bare = runner.invoke(app, ["prune", "--recipe", str(first), "--output", str(tmp_path / "x")])
+    assert bare.exit_code == 2 and "--model PATH" in bare.output and "--calib-dataset PATH" in bare.output
+    assert not (tmp_path / "x").exists()
+    local = ["--model", str(model), "--calib-dataset", str(calib_file), "--data-dir", str(data_dir)]
+    again = tmp_path / "again"
+    assert (res := runner.invoke(app, ["prune", "--recipe", str(first), *local, "--output", str(again)])).exit_code == 0, \
+        res.output
+    assert _sha(again / "model.safetensors") == _sha(first / "model.safetensors")
+    one, two = (json.loads((d / "llmprune.json").read_text()) for d in (first, again))
+    assert two["recipe"] == one["recipe"] and two["recipe"]["calib"]["seed"] == 7
+    assert two["recipe"]["method"]["block_size"] == 16
+    assert two["calibration"] == one["calibration"] and two["eval"] == one["eval"]
+    # The report file works too, and flags override what it holds.
+    other = tmp_path / "other"
+    res = runner.invoke(app, ["prune", "--recipe", str(first / "llmprune.json"), *local, "--sparsity", "0.25",
+                              "--output", str(other)])
+    assert res.exit_code == 0, res.output
+    three = json.loads((other / "llmprune.json").read_text())
+    assert three["recipe"]["method"]["sparsity"] == 0.25 and three["recipe"]["calib"] == one["recipe"]["calib"]
+
+
+def test_rerun_structured_from_python(tiny_model_dir, calib_file: Path, tmp_path: Path) -> None:
+    model = tiny_model_dir("llama")
+    first = llmprune.prune(str(model), method="cfsp", sparsity=0.3, calib_dataset=str(calib_file), nsamples=4,
+                           seqlen=32, output=str(tmp_path / "first"), method_options={"round_to": 8})
+    again = llmprune.prune(str(model), recipe=tmp_path / "first", calib_dataset=str(calib_file),
+                           output=str(tmp_path / "again"))
+    assert again.report["recipe"] == first.report["recipe"]
+    assert again.report["structure"]["mlp_channels"]["widths"] == first.report["structure"]["mlp_channels"]["widths"]
+    assert _sha(tmp_path / "again" / "model.safetensors") == _sha(tmp_path / "first" / "model.safetensors")
+
+
+def test_rerun_refuses_what_is_no_run(tmp_path: Path) -> None:
+    from llmprune.errors import LLMPruneError
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(LLMPruneError, match="without llmprune.json"):
+        llmprune.prune(recipe=tmp_path / "empty")
+    recovered = tmp_path / "rec"
+    recovered.mkdir()
+    (recovered / "llmprune.json").write_text(json.dumps({"model": "x", "recovery": {}, "versions": {}}))
+    with pytest.raises(LLMPruneError, match="report of llmprune recover"):
+        llmprune.prune(recipe=recovered)

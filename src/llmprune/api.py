@@ -480,6 +480,10 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
     if model is not None and not in_memory:
         kwargs["model"] = str(model)
     rec = build_recipe(_base_recipe(recipe), fields_from_kwargs(kwargs))
+    if isinstance(recipe, (str, Path)):
+        from .io.rerun import check_rerun
+
+        check_rerun(recipe, rec)  # a run folder's local inputs are recorded by name only
     if in_memory and tokenizer is None and (rec.eval.datasets or rec.eval.tasks or rec.output
                                             or METHODS.get(rec.method.name).needs_calibration):
         raise LLMPruneError("pass tokenizer= along with an in-memory model")

@@ -108,7 +108,8 @@ def prune(
     tasks: str | None = typer.Option(None, "--tasks", help="zero-shot lm-eval tasks: paper, offline or names"),
     limit: int | None = typer.Option(None, "--limit", help="zero-shot: first N documents per task"),
     overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output folder"),
-    recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe; flags and --set override it"),
+    recipe: Path | None = typer.Option(None, "--recipe", help="YAML recipe, or a run folder (or its llmprune.json) "
+                                       "to re-run; flags and --set override it"),
     set_: list[str] | None = typer.Option(None, "--set", help="override any recipe field: key=value"),
     dtype: str | None = typer.Option(None, "--dtype"),
     device: str | None = typer.Option(None, "--device", help="auto, cpu, cuda:N, or a list cuda:0,cuda:1 (all share the calibration forwards)"),
@@ -133,6 +134,10 @@ def prune(
             "batch_size": batch_size, "tasks": tasks, "limit": limit, "stream": stream,
         }
         rec = build_recipe(base, fields_from_kwargs(flags), parse_set(set_))
+        if recipe:
+            from .io.rerun import check_rerun
+
+            check_rerun(recipe, rec)
         result = api_prune(recipe=rec, progress=True)
     except LLMPruneError as exc:
         _fail(exc)

@@ -112,7 +112,13 @@ def parse_set(items: list[str] | None) -> list[tuple[str, Any]]:
 
 
 def load_recipe_dict(path: str | Path) -> dict[str, Any]:
+    """A YAML recipe, or the recipe of a run folder / its ``llmprune.json`` (:mod:`llmprune.io.rerun`)."""
+    from .io.rerun import read_run_report, recipe_from_report, report_path
+
     path = Path(path)
+    found = report_path(path)
+    if found is not None:
+        return recipe_from_report(read_run_report(found), found)
     if not path.is_file():
         raise LLMPruneError(f"recipe file {path} does not exist")
     try:
