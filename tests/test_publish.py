@@ -345,3 +345,65 @@ def test_rerun_refuses_what_is_no_run(tmp_path: Path) -> None:
     (recovered / "llmprune.json").write_text(json.dumps({"model": "x", "recovery": {}, "versions": {}}))
     with pytest.raises(LLMPruneError, match="report of llmprune recover"):
         llmprune.prune(recipe=recovered)
+
+
+# ------------------------------------------------------------------ uniform widths, and what loads a folder
+
+def test_uniform_flag_gives_a_stock_checkpoint(tiny_model_dir, calib_file: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmprune.cli import app
+
+    out = tmp_path / "uniform"
+    args = ["prune", "--model", str(tiny_model_dir("llama")), "--method", "cfsp", "--sparsity", "0.3",
+            "--calib-dataset", str(calib_file), "--nsamples", "4", "--seqlen", "32", "--uniform", "--round-to", "8",
+            "--output", str(out)]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "cannot load" not in res.output
+    rep = json.loads((out / "llmprune.json").read_text())
+    assert rep["recipe"]["method"]["uniform"] is True and rep["recipe"]["method"]["round_to"] == 8
+    widths = rep["structure"]["mlp_channels"]["widths"]
+    assert len(set(widths)) == 1 and widths[0] % 8 == 0 and widths[0] < 128
+    assert rep["loading"] == {"stock_from_pretrained": True}
+    stock = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ours, _ = llmprune.load(out)
+    assert stock.config.intermediate_size == widths[0]
+    ids = torch.randint(0, 257, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(stock(input_ids=ids).logits, ours(input_ids=ids).logits, rtol=0, atol=0)
+    from huggingface_hub import ModelCard
+
+    assert ModelCard.load(out / "README.md").data.to_dict()["library_name"] == "transformers"
+
+
+def test_per_layer_widths_say_how_to_load(tiny_model_dir, calib_file: Path, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmprune.cli import app
+
+    out = tmp_path / "per-layer"
+    res = CliRunner().invoke(app, ["prune", "--model", str(tiny_model_dir("llama")), "--method", "cfsp",
+                                   "--sparsity", "0.3", "--calib-dataset", str(calib_file), "--nsamples", "4",
+                                   "--seqlen", "32", "--output", str(out)])
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    assert "stock AutoModelForCausalLM.from_pretrained cannot load" in text
+    assert "--uniform" in text and "llmprune export RUN_DIR --format gguf" in text
+    note = json.loads((out / "llmprune.json").read_text())["loading"]
+    assert note["stock_from_pretrained"] is False and note["why"] == ["the MLP widths differ across layers"]
+    assert len(note["ways_out"]) == 2
+
+
+@pytest.mark.parametrize("flag", [["--uniform"], ["--round-to", "8"], ["--set", "method.uniform=true"]])
+def test_uniform_and_round_to_refused_for_unstructured_methods(flag: list[str], tiny_model_dir, tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from llmprune.cli import app
+
+    res = CliRunner().invoke(app, ["prune", "--model", str(tiny_model_dir("llama")), "--method", "wanda",
+                                   "--sparsity", "0.5", *flag, "--output", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    text = " ".join(res.output.split())
+    assert "shape the widths of structured methods" in text and "cfsp" in text and "wanda zeroes" in text
+    assert not (tmp_path / "out").exists()

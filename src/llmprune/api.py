@@ -19,6 +19,7 @@ from .engine.streaming import StreamingStore, partial_dir, settings_hash
 from .errors import LLMPruneError
 from .eval.perplexity import perplexity
 from .eval.zeroshot import PreparedTasks, prepare_tasks, run_zeroshot
+from .io.card import loading_note
 from .io.provenance import describe_loaded, describe_source, saved_dtype
 from .io.public import namer_for, public_report
 from .io.save import check_output_dir, finish_folder, install_dir, save_run
@@ -63,6 +64,8 @@ FIELD_NAMES = {
     "limit": "eval.limit",
     "num_fewshot": "eval.num_fewshot",
     "include_path": "eval.include_path",
+    "uniform": "method.uniform",
+    "round_to": "method.round_to",
     "data_dir": "data_dir",
     "output": "output",
     "overwrite": "overwrite",
@@ -97,6 +100,13 @@ def fields_from_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def resolve_method(recipe: Recipe) -> tuple[Method, Pattern]:
     """The method instance and pattern a recipe asks for, all options checked."""
     cls = METHODS.get(recipe.method.name)
+    shaping = [k for k in ("uniform", "round_to") if k in recipe.method.options]
+    if shaping and not cls.structured:
+        flags = " / ".join(f"--{k.replace('_', '-')} (method.{k})" for k in shaping)
+        structured = ", ".join(n for n in METHODS.names() if METHODS.get(n).structured)
+        raise LLMPruneError(f"{flags} shape the widths of structured methods ({structured}); {cls.name} zeroes "
+                            f"individual weights and never changes a shape, so there is nothing to make uniform "
+                            f"or round")
     try:
         options = cls.Options(**recipe.method.options)
     except ValidationError as exc:
@@ -253,6 +263,7 @@ def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.
     timings["total_s"] = time.perf_counter() - t_start
     report.update(_report_fields(plan, net, calib_ids, sparsity, structure, layer_reports, timings))
     report.update(extra or {})
+    report["loading"] = loading_note(report)
     source = describe_source(rec.model.name) if model_name == rec.model.name else describe_loaded(net)
     report["dtype"] = saved_dtype(rec.model.dtype, source, next(net.parameters()).dtype)
     report = public_report(report, source, rec.data_dir)
@@ -401,6 +412,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     report = {"model": rec.model.name,
               **_report_fields(plan, net, calib_ids, store.sparsity(), structure, layer_reports, timings),
               "streaming": {"resumed_at_layer": resumed_from, "layers": len(view.layers)}}
+    report["loading"] = loading_note(report)
     source = describe_source(rec.model.name)
     report["dtype"] = {**saved_dtype(rec.model.dtype, source, dtype), "saved": str(dtype).removeprefix("torch."),
                        "rule": "a streamed run writes each layer in the dtype it computed in (model.dtype)"}

@@ -116,6 +116,10 @@ def prune(
     batch_size: int | None = typer.Option(None, "--batch-size", help="calibration windows per forward"),
     stream: bool | None = typer.Option(None, "--stream/--no-stream", help="prune one layer at a time from the "
                                        "checkpoint's shards into the output, resumably (default: when it does not fit)"),
+    uniform: bool = typer.Option(False, "--uniform", help="structured methods: every layer the same width, so stock "
+                                 "from_pretrained loads the output"),
+    round_to: int | None = typer.Option(None, "--round-to", help="structured methods: round each layer's kept width "
+                                        "to a multiple of N (e.g. 128)"),
     verbose: bool = typer.Option(False, "--verbose", "-v"),
 ) -> None:
     """Prune a model and report sparsity, perplexity, time and memory."""
@@ -132,6 +136,7 @@ def prune(
             "data_dir": data_dir, "eval": eval_, "eval_seqlen": eval_seqlen, "eval_windows": eval_windows,
             "eval_dense": eval_dense, "overwrite": overwrite or None, "dtype": dtype, "device": device,
             "batch_size": batch_size, "tasks": tasks, "limit": limit, "stream": stream,
+            "uniform": uniform or None, "round_to": round_to,
         }
         rec = build_recipe(base, fields_from_kwargs(flags), parse_set(set_))
         if recipe:
@@ -161,6 +166,11 @@ def prune(
     summary.add_row("peak RSS", f"{rep['memory']['peak_rss_mb']:.0f} MB")
     summary.add_row("output", str(result.output) if result.output else "(not saved; pass --output)")
     console.print(summary)
+    note = rep.get("loading") or {}
+    if note.get("stock_from_pretrained") is False:
+        console.print("[bold yellow]note:[/bold yellow] stock AutoModelForCausalLM.from_pretrained cannot load this "
+                  f"model ({'; '.join(note['why'])}); load it with {note['load_with']}, or: "
+                  + "; or ".join(note["ways_out"]), highlight=False)
 
 
 @app.command("eval")

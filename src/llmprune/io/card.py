@@ -24,6 +24,28 @@ def stock_loadable(report: dict[str, Any]) -> bool:
     return bool(checkpoint.get("stock_checkpoint", True))
 
 
+def loading_note(report: dict[str, Any]) -> dict[str, Any]:
+    """Whether stock ``from_pretrained`` loads the run's folder; when not, why and the ways out
+    (the report's ``loading`` section, also shown at the end of ``llmprune prune``)."""
+    checkpoint = (report.get("structure") or {}).get("checkpoint") or {}
+    if checkpoint.get("stock_checkpoint", True):
+        return {"stock_from_pretrained": True}
+    why, ways = [], []
+    if len(set(checkpoint.get("mlp_widths") or [])) > 1:
+        why.append("the MLP widths differ across layers")
+        if not checkpoint.get("mlp_out_bias"):
+            ways.append("prune with --uniform (every layer the same width)")
+    if len(set(checkpoint.get("attn_kv_heads") or [])) > 1:
+        why.append("the KV-head counts differ across layers")
+    if checkpoint.get("mlp_out_bias"):
+        why.append("an MLP output bias was added (FLAP's compensation), which stock configs have no place for")
+    why = why or ["its config records per-layer shapes (llmprune_structure)"]
+    ways.append("export it: llmprune export RUN_DIR --format gguf --output FILE.gguf (llama.cpp reads per-layer "
+                "widths)")
+    return {"stock_from_pretrained": False, "why": why, "ways_out": ways,
+            "load_with": "llmprune.load(RUN_DIR) (rebuilds each layer to its recorded width)"}
+
+
 def _pattern(report: dict[str, Any]) -> str:
     if "structure" in report:
         return "structured"
