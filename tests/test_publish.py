@@ -105,6 +105,25 @@ def test_bf16_source_saves_bf16_and_prunes_in_float32(tmp_path: Path, calib_file
     assert (down == 0).float().mean().item() == pytest.approx(0.5)
 
 
+def test_streamed_run_saves_the_source_dtype_too(tmp_path: Path, calib_file: Path) -> None:
+    from safetensors.torch import load_file
+
+    src = _bf16_source(tmp_path / "bf16")
+    args = dict(method="wanda", sparsity=0.5, calib_dataset=str(calib_file), nsamples=4, seqlen=32)
+    mem = llmprune.prune(str(src), output=str(tmp_path / "mem"), stream="off", **args)
+    streamed = llmprune.prune(str(src), output=str(tmp_path / "str"), stream="on", **args)
+    assert streamed.report["dtype"] == mem.report["dtype"] and mem.report["dtype"]["saved"] == "bfloat16"
+    assert json.loads((tmp_path / "str" / "config.json").read_text())["dtype"] == "bfloat16"
+    a = load_file(str(tmp_path / "mem" / "model.safetensors"))
+    b: dict[str, torch.Tensor] = {}
+    for shard in sorted((tmp_path / "str").glob("*.safetensors")):
+        b.update(load_file(str(shard)))
+    assert a.keys() == b.keys()
+    for key in a:
+        assert a[key].dtype == b[key].dtype == torch.bfloat16 and torch.equal(a[key], b[key]), key
+    assert (tmp_path / "str" / "README.md").is_file()
+
+
 def test_dtype_flag_wins_over_the_source(tmp_path: Path) -> None:
     src = _bf16_source(tmp_path / "bf16")
     out = tmp_path / "run"
@@ -194,6 +213,26 @@ def test_no_local_paths_in_published_files(tiny_model_dir, calib_file: Path, dat
     assert rep["evaluation_data"]["wikitext2"]["file"] == "wikitext-2-raw-v1/test-00000-of-00001.parquet"
     assert rep["recipe"]["data_dir"] is None and rep["recipe"]["output"] is None
     assert rep["calibration"]["tokens_sha256"]  # what lets a re-run on other copies of the data be checked
+
+
+def test_sweep_folder_names_no_local_paths(tiny_model_dir, calib_file: Path, tmp_path: Path) -> None:
+    out = tmp_path / "sweep"
+    llmprune.sweep(str(tiny_model_dir("llama")), values="0.3,0.5", method="wanda", calib_dataset=str(calib_file),
+                   nsamples=2, seqlen=32, output=str(out))
+    files = _text_files(out)
+    assert {p.name for p in files} >= {"sweep.json", "llmprune.json", "README.md"}
+    for path, text in files.items():
+        assert str(tmp_path) not in text, path
+    index = json.loads((out / "sweep.json").read_text())
+    assert index["sweep"]["model"] == "tiny-llama-0" and index["settings_sha256"]
+    # Resuming compares the full settings (by hash): the same command resumes, another model does not.
+    llmprune.sweep(str(tiny_model_dir("llama")), values="0.3,0.5", method="wanda", calib_dataset=str(calib_file),
+                   nsamples=2, seqlen=32, output=str(out), resume=True)
+    from llmprune.errors import LLMPruneError
+
+    with pytest.raises(LLMPruneError, match="other settings"):
+        llmprune.sweep(str(tiny_model_dir("llama", seed=1)), values="0.3,0.5", method="wanda",
+                       calib_dataset=str(calib_file), nsamples=2, seqlen=32, output=str(out), resume=True)
 
 
 def test_path_namer() -> None:

@@ -223,13 +223,14 @@ def test_runs_of_different_models_are_flagged(runs: dict[str, Any], tmp_path: Pa
     result = build_report([wanda, tmp_path / "eval60.json"], tmp_path / "r")
     md = (tmp_path / "r" / "report.md").read_text()
     assert len(result.warnings) == 1 and result.warnings[0].startswith("runs differ in model:")
-    assert f"{runs['model']} (sparsity-0.6)" in result.warnings[0] and f"{wanda} (eval60)" in result.warnings[0]
+    # Reports name models as published (no local paths): the base model's folder, the pruned folder.
+    assert f"{runs['model'].name} (sparsity-0.6)" in result.warnings[0] and f"{wanda.name} (eval60)" in result.warnings[0]
     assert f"> **Warning:** {result.warnings[0]}" in md
     # Same setting, so one column; the pruned model re-evaluated gives the same perplexity.
     assert _cell(md, "eval60", "heldout ppl @64 x2") == _cell(md, "sparsity-0.6", "heldout ppl @64 x2")
     # In the plot each line names its model.
     (series,) = [series for spec, series in result.plots if spec.file.startswith("ppl_vs")]
-    assert set(series) == {f"{runs['model']}: wanda", f"{wanda}: eval"}
+    assert set(series) == {f"{runs['model'].name}: wanda", f"{wanda.name}: eval"}
 
 
 def test_lines_split_by_calibration(runs: dict[str, Any]) -> None:

@@ -374,6 +374,9 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     method.validate(view)
     check_not_tied(view)
     tok = AutoTokenizer.from_pretrained(str(folder))
+    source = describe_source(rec.model.name)
+    dtype_record = saved_dtype(rec.model.dtype, source, dtype)
+    save_dtype = pick_dtype(dtype_record["saved"], plan.device)
     load_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     calib_ids = None
@@ -385,10 +388,11 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     settings_id = settings_hash({
         "recipe": settings, "tokens": token_hash(calib_ids) if calib_ids is not None else None,
         "checkpoint": reader.fingerprint(), "device": str(plan.device), "dtype": str(dtype),
+        **({"save_dtype": str(save_dtype)} if save_dtype != dtype else {}),
     })
     work = partial_dir(dest)
     _check_disk(reader, dtype, work, calib_ids, int(getattr(net.config, "hidden_size", 0) or 0))
-    store = StreamingStore(view, reader, work, settings_id, dtype, pattern)
+    store = StreamingStore(view, reader, work, settings_id, dtype, pattern, save_dtype=save_dtype)
     if store.start:
         log.info("resuming the streamed run in %s after layer %d", work, store.start - 1)
     resumed_from = store.start
@@ -404,6 +408,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
         structure = method.finalize(view)
     timings = {"load_s": load_s, "data_s": data_s, "prune_s": time.perf_counter() - t0}
     store.finish()
+    net.config.dtype = save_dtype  # the config states the dtype of the shards, not of the computation
     net.config.save_pretrained(work)
     if net.can_generate() and getattr(net, "generation_config", None) is not None:
         net.generation_config.save_pretrained(work)
@@ -413,9 +418,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
               **_report_fields(plan, net, calib_ids, store.sparsity(), structure, layer_reports, timings),
               "streaming": {"resumed_at_layer": resumed_from, "layers": len(view.layers)}}
     report["loading"] = loading_note(report)
-    source = describe_source(rec.model.name)
-    report["dtype"] = {**saved_dtype(rec.model.dtype, source, dtype), "saved": str(dtype).removeprefix("torch."),
-                       "rule": "a streamed run writes each layer in the dtype it computed in (model.dtype)"}
+    report["dtype"] = dtype_record
     report = public_report(report, source, rec.data_dir)
     finish_folder(work, report, namer_for(source, rec.data_dir))
     check_output_dir(dest, rec.overwrite)
@@ -571,6 +574,8 @@ def evaluate(model: Any, *, tokenizer: Any = None, datasets: str | list[str] | N
         "device": str(dev),
         "versions": versions(),
     })
+    if isinstance(model, (str, Path)):  # named as a run folder names it: no local paths (io.public)
+        out = public_report(out, describe_source(str(model)), rec.data_dir)
     return out
 
 

@@ -41,7 +41,10 @@ from .api import (
     fields_from_kwargs,
 )
 from .data.tokens import calibration_windows, evaluation_sets
+from .engine.streaming import settings_hash
 from .errors import LLMPruneError
+from .io.provenance import describe_loaded, describe_source
+from .io.public import namer_for, public_recipe
 from .io.save import REPORT_NAME, SWEEP_NAME, read_report, staged_dir, write_json_atomic
 from .recipe import build_recipe
 
@@ -100,6 +103,9 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
         raise LLMPruneError("pass tokenizer= along with an in-memory model")
     dest = Path(output).expanduser()
     settings = _settings(base.to_dict(), parameter, vals)
+    # The index publishes its settings without local paths (io.public); resuming compares the full
+    # settings, paths included, by their hash.
+    settings_id = settings_hash(settings)
 
     # --- check everything first: the folder, then every point's recipe --------------------------
     done: set[str] = set()
@@ -109,7 +115,9 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
             if not index.is_file():
                 raise LLMPruneError(f"{dest} has no {SWEEP_NAME}; it is not a sweep folder to resume")
             previous = json.loads(index.read_text(encoding="utf-8"))
-            if previous.get("sweep") != json.loads(json.dumps(settings)):
+            same = (previous.get("settings_sha256") == settings_id if "settings_sha256" in previous
+                    else previous.get("sweep") == json.loads(json.dumps(settings)))  # an index written before
+            if not same:
                 raise LLMPruneError(f"{dest} holds a sweep with other settings; resume needs the same command "
                                     f"(or pass --overwrite to replace it)")
             done = {p["folder"] for p in previous.get("points", []) if p.get("status") == "done"
@@ -121,6 +129,9 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
         raise LLMPruneError(f"nothing to resume: {dest} does not exist")
     dest.resolve().parent.mkdir(parents=True, exist_ok=True)
     replacing = dest.exists() and not resume
+    source = describe_source(base.model.name) if not in_memory else describe_loaded(model)
+    public = {**settings, "model": source["name"], "settings_sha256": settings_id,
+              "recipe": public_recipe(settings["recipe"], source, namer_for(source, base.data_dir))}
     # Replacing an old sweep: build beside it, swap in when complete (io.save.staged_dir).
     stage = staged_dir(dest, overwrite=True) if replacing else contextlib.nullcontext(dest)
     with stage as work:
@@ -133,7 +144,7 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
             plan = _plan(rec, tasks=tasks, check_output=False)
             tasks = plan.tasks
             plans.append((value, folder, plan))
-        points, reports = _run_points(plans, work, done, settings, parameter, model if in_memory else None,
+        points, reports = _run_points(plans, work, done, public, parameter, model if in_memory else None,
                                       tokenizer, save_models, progress)
     return SweepResult(dest, points, reports)
 
@@ -148,7 +159,9 @@ def _run_points(plans: list[tuple[Any, str, Any]], work: Path, done: set[str], s
     reports: list[dict[str, Any]] = [read_report(work / f) for _, f, _ in plans if f in done]
 
     def write_index(complete: bool) -> None:
-        write_json_atomic(work / SWEEP_NAME, {"sweep": settings, "complete": complete, "points": points})
+        write_json_atomic(work / SWEEP_NAME, {"sweep": {k: v for k, v in settings.items() if k != "settings_sha256"},
+                                              "settings_sha256": settings["settings_sha256"], "complete": complete,
+                                              "points": points})
 
     write_index(False)
     calib_cache: dict[tuple[Any, ...], Any] = {}

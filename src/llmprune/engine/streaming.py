@@ -94,9 +94,10 @@ class StreamingStore(LayerStore):
     """
 
     def __init__(self, view: ModelView, reader: ShardReader, work: Path, settings: str, dtype: torch.dtype,
-                 pattern: Pattern | None, observer: Any = None) -> None:
+                 pattern: Pattern | None, observer: Any = None, save_dtype: torch.dtype | None = None) -> None:
         self.view, self.reader, self.work, self.settings = view, reader, work, settings
         self.dtype, self.pattern, self.observer = dtype, pattern, observer
+        self.save_dtype = save_dtype or dtype  # what the shards are written in (io.provenance.saved_dtype)
         self.progress = work / (OBSERVE_PROGRESS_NAME if observer is not None else PROGRESS_NAME)
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="llmprune-writer")
         self._pending: Future[None] | None = None
@@ -144,7 +145,8 @@ class StreamingStore(LayerStore):
             raise LLMPruneError(f"{self.reader.folder}: the checkpoint lacks {missing[:5]}; it does not match its config")
         out = self.work / OUTSIDE_SHARD
         if not out.is_file():
-            _save_safetensors_atomic({k: v.to(self.dtype) if v.is_floating_point() else v for k, v in tensors.items()}, out)
+            _save_safetensors_atomic({k: v.to(self.save_dtype) if v.is_floating_point() else v
+                                      for k, v in tensors.items()}, out)
 
     # --- LayerStore -----------------------------------------------------------------------------
 
@@ -206,7 +208,8 @@ class StreamingStore(LayerStore):
         else:
             # Detached references: the layer goes back to the meta device when this returns, the
             # tensors stay alive for the writer.
-            shard = {f"{self.layer_prefix}{i}.{k}": v for k, v in layer.module.state_dict().items()}
+            shard = {f"{self.layer_prefix}{i}.{k}": v.to(self.save_dtype) if v.is_floating_point() else v
+                     for k, v in layer.module.state_dict().items()}
             self._pending_tensors, self._handed_over = list(shard.values()), i
             sp = sparsity_report(ModelView(self.view.model, self.view.layers_path, [layer]), self.pattern)
             self.sparsity_layers.append(sp["layers"][0])

@@ -258,6 +258,13 @@ def card_text(report: dict[str, Any]) -> str:
     body = [title, "", f"`{base}` with {what} by **{method}**, in one shot with "
             f"[llmprune](https://pypi.org/project/llmprune/) {(report.get('versions') or {}).get('llmprune', '')}."
             .replace(" .", "."), ""]
+    if source.get("gguf_file_type") and not source.get("dtype"):
+        body += [f"The weights pruned are those of the quantized GGUF file `{source.get('file')}` "
+                 f"({source['gguf_file_type']}), dequantized: they carry its rounding, and the dense numbers below "
+                 f"are of the dequantized file, not of `{base}` itself.", ""]
+    elif source.get("gguf_file_type"):
+        body += [f"The weights pruned are those of the GGUF file `{source.get('file')}` ({source['gguf_file_type']}).",
+                 ""]
     if recovered:
         rec = report["recovery"]
         body += [f"Then fine-tuned with LoRA ({rec.get('capacity')} ranks, {rec.get('steps')} steps of "
