@@ -446,3 +446,16 @@ def test_uniform_and_round_to_refused_for_unstructured_methods(flag: list[str], 
     text = " ".join(res.output.split())
     assert "shape the widths of structured methods" in text and "cfsp" in text and "wanda zeroes" in text
     assert not (tmp_path / "out").exists()
+
+
+def test_loading_note_names_only_ways_that_work() -> None:
+    from llmprune.io.card import loading_note
+
+    assert loading_note({"sparsity": {"overall": 0.5}}) == {"stock_from_pretrained": True}
+    flap = loading_note({"structure": {"checkpoint": {"stock_checkpoint": False, "mlp_widths": [96, 64, 80],
+                                                      "mlp_out_bias": True}}})
+    assert flap["stock_from_pretrained"] is False and len(flap["why"]) == 2 and "FLAP" in flap["why"][1]
+    assert not any("--uniform" in w for w in flap["ways_out"]) and "llmprune export" in flap["ways_out"][0]
+    kv = loading_note({"structure": {"checkpoint": {"stock_checkpoint": False, "mlp_widths": [64, 64],
+                                                    "attn_kv_heads": [2, 1]}}})
+    assert kv["why"] == ["the KV-head counts differ across layers"] and len(kv["ways_out"]) == 1

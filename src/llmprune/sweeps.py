@@ -129,9 +129,6 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
         raise LLMPruneError(f"nothing to resume: {dest} does not exist")
     dest.resolve().parent.mkdir(parents=True, exist_ok=True)
     replacing = dest.exists() and not resume
-    source = describe_source(base.model.name) if not in_memory else describe_loaded(model)
-    public = {**settings, "model": source["name"], "settings_sha256": settings_id,
-              "recipe": public_recipe(settings["recipe"], source, namer_for(source, base.data_dir))}
     # Replacing an old sweep: build beside it, swap in when complete (io.save.staged_dir).
     stage = staged_dir(dest, overwrite=True) if replacing else contextlib.nullcontext(dest)
     with stage as work:
@@ -144,6 +141,9 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
             plan = _plan(rec, tasks=tasks, check_output=False)
             tasks = plan.tasks
             plans.append((value, folder, plan))
+        source = describe_source(base.model.name) if not in_memory else describe_loaded(model)
+        public = {**settings, "model": source["name"], "settings_sha256": settings_id,
+                  "recipe": public_recipe(settings["recipe"], source, namer_for(source, base.data_dir))}
         points, reports = _run_points(plans, work, done, public, parameter, model if in_memory else None,
                                       tokenizer, save_models, progress)
     return SweepResult(dest, points, reports)

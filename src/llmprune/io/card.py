@@ -49,9 +49,8 @@ def loading_note(report: dict[str, Any]) -> dict[str, Any]:
 def _pattern(report: dict[str, Any]) -> str:
     if "structure" in report:
         return "structured"
-    recipe_method = (report.get("recipe") or {}).get("method") or (report.get("pruning") or {}).get(
-        "recipe", {}).get("method") or {}
-    pattern = str(recipe_method.get("pattern") or "unstructured")
+    recipe = report.get("recipe") or (report.get("pruning") or {}).get("recipe") or {}  # recover: the prune's
+    pattern = str((recipe.get("method") or {}).get("pattern") or "unstructured")
     return pattern if pattern != "channels" else "structured"
 
 
@@ -187,12 +186,14 @@ def _loading(report: dict[str, Any]) -> list[str]:
                 f'model = AutoModelForCausalLM.from_pretrained("{_LOAD_NAME}")',
                 f'tokenizer = AutoTokenizer.from_pretrained("{_LOAD_NAME}")', "```", ""]
     else:
-        out += ["The layers have different widths (recorded under `llmprune_structure` in `config.json`), which "
-                "stock `AutoModelForCausalLM.from_pretrained` cannot build (it fails with a size mismatch). Load "
-                "it with llmprune, which rebuilds each layer to its recorded width:", "", "```python",
-                "import llmprune", "", f'model, tokenizer = llmprune.load("{_LOAD_NAME}")', "```", "",
-                "For a checkpoint stock transformers loads, prune again with `--uniform` (every layer the same "
-                "width).", ""]
+        note = loading_note(report)
+        out += ["Stock `AutoModelForCausalLM.from_pretrained` cannot build this model (it fails with a size "
+                f"mismatch): {'; '.join(note['why'])}. The shapes are recorded under `llmprune_structure` in "
+                "`config.json`; llmprune rebuilds each layer to them:", "", "```python",
+                "import llmprune", "", f'model, tokenizer = llmprune.load("{_LOAD_NAME}")', "```", ""]
+        if any("--uniform" in way for way in note["ways_out"]):
+            out += ["For a checkpoint stock transformers loads, prune again with `--uniform` (every layer the same "
+                    "width).", ""]
     out += ["For llama.cpp, Ollama or LM Studio, export a GGUF file (per-layer widths included):", "", "```bash",
             f"llmprune export {_LOAD_NAME} --format gguf --output model.gguf", "```", "",
             f"`{_LOAD_NAME}` is this folder (or, once uploaded, its Hub repository)."]
@@ -255,9 +256,8 @@ def card_text(report: dict[str, Any]) -> str:
             "unstructured": "individual weights set to zero (unstructured sparsity)"}.get(
         pattern, f"weights set to zero in a {pattern} pattern (semi-structured sparsity)")
     title = f"# {base} pruned with {method}" + (" and recovered with LoRA" if recovered else "")
-    body = [title, "", f"`{base}` with {what} by **{method}**, in one shot with "
-            f"[llmprune](https://pypi.org/project/llmprune/) {(report.get('versions') or {}).get('llmprune', '')}."
-            .replace(" .", "."), ""]
+    body = [title, "", f"`{base}` with {what} by **{method}**, in one shot with llmprune "
+            f"{(report.get('versions') or {}).get('llmprune', '')}.".replace(" .", "."), ""]
     if source.get("gguf_file_type") and not source.get("dtype"):
         body += [f"The weights pruned are those of the quantized GGUF file `{source.get('file')}` "
                  f"({source['gguf_file_type']}), dequantized: they carry its rounding, and the dense numbers below "
