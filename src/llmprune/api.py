@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from .data.sources import TextSource, resolve, resolve_data_dir
 from .data.tokens import calibration_windows, evaluation_sets, token_hash
 from .engine.engine import run_layerwise
+from .engine.routed import check_moe_calib, moe_summary
 from .engine.streaming import StreamingStore, partial_dir, settings_hash
 from .errors import LLMPruneError
 from .eval.perplexity import perplexity
@@ -165,6 +166,7 @@ def _plan(rec: Recipe, tasks: PreparedTasks | None = None, check_output: bool = 
             )
     if tasks is None and rec.eval.tasks:
         tasks = prepare_tasks(rec.eval.tasks, data_dir=rec.data_dir, include_path=rec.eval.include_path)
+    check_moe_calib(rec.calib.moe)
     device, *extra = pick_devices(rec.model.device)
     return _Plan(rec, method, pattern, calib_source, eval_sources, tasks, device, tuple(extra))
 
@@ -204,6 +206,7 @@ def _report_fields(plan: _Plan, net: Any, calib_ids: torch.Tensor | None, sparsi
                    **({"dense": structure["params"]["dense"]} if method.structured else {})},
         **({"structure": structure} if method.structured else {}),
         "layers": layer_reports,
+        **({"moe": summary} if (summary := moe_summary(layer_reports)) is not None else {}),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
         "device": str(plan.device),
@@ -235,7 +238,7 @@ def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.
     else:
         layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=cache_device,
                                       batch_size=rec.calib.batch_size, progress=progress,
-                                      extra_devices=plan.extra_devices)
+                                      extra_devices=plan.extra_devices, moe_calib=rec.calib.moe)
     structure = method.finalize(view)
     timings["prune_s"] = time.perf_counter() - t0
 
@@ -382,7 +385,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     else:
         layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=torch.device("cpu"),
                                       batch_size=rec.calib.batch_size, progress=progress, store=store,
-                                      extra_devices=plan.extra_devices)
+                                      extra_devices=plan.extra_devices, moe_calib=rec.calib.moe)
         structure = method.finalize(view)
     timings = {"load_s": load_s, "data_s": data_s, "prune_s": time.perf_counter() - t0}
     store.finish()

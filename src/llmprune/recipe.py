@@ -38,6 +38,8 @@ class CalibSpec(_Strict):
     seed: int = 0
     batch_size: int = Field(1, ge=1, description="calibration windows per forward")
     offload: bool = Field(False, description="keep cached activations on the CPU when computing on a GPU")
+    moe: str = Field("routed", description="Mixture-of-Experts: routed = each expert is calibrated on the tokens "
+                     "its router sends it; all = every token through every expert (statistics only)")
 
 
 class MethodSpec(BaseModel):
