@@ -22,6 +22,7 @@ from .eval.perplexity import perplexity
 from .eval.zeroshot import PreparedTasks, prepare_tasks, run_zeroshot
 from .io.save import REPORT_NAME, check_output_dir, install_dir, save_run, write_json_atomic
 from .methods import METHODS, Method
+from .methods.experts import ExpertPruning
 from .methods.structured import ChannelMethod, RemovalStep
 from .models.loading import (
     _structure_record,
@@ -32,6 +33,7 @@ from .models.loading import (
     pick_dtype,
     resolve_source,
 )
+from .models.moe import select_targets
 from .models.shards import ShardReader, empty_model, tensor_bytes
 from .models.view import ModelView, check_finite_weights, check_not_tied, model_view
 from .recipe import Recipe, build_recipe, comma_list
@@ -356,6 +358,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     reader = ShardReader.open(folder)
     net = empty_model(folder, dtype)
     view = model_view(net)
+    _select_moe_targets(plan, view)
     method.validate(view)
     check_not_tied(view)
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -440,6 +443,15 @@ def _base_recipe(recipe: Recipe | str | Path | dict[str, Any] | None) -> dict[st
     return {}
 
 
+def _select_moe_targets(plan: _Plan, view: ModelView) -> None:
+    """``moe.targets``: restrict the view to the linears the weight-pruning methods may prune."""
+    targets = plan.recipe.moe.targets
+    if targets != "all" and isinstance(plan.method, ExpertPruning):
+        raise LLMPruneError(f"moe.targets={targets} selects linears for weight pruning; {plan.method.name} removes "
+                            f"whole routed experts (leave moe.targets=all)")
+    select_targets(view, targets)
+
+
 def _load_checked(plan: _Plan, model: Any, tokenizer: Any) -> tuple[Any, Any, ModelView, float]:
     """Load (or take) the model and run every check that needs it."""
     rec = plan.recipe
@@ -450,6 +462,7 @@ def _load_checked(plan: _Plan, model: Any, tokenizer: Any) -> tuple[Any, Any, Mo
         net, tok = load_model(rec.model.name, rec.model.dtype, rec.model.device)
     load_s = time.perf_counter() - t0
     view = model_view(net)
+    _select_moe_targets(plan, view)
     plan.method.validate(view)
     check_not_tied(view)
     check_finite_weights(view)

@@ -265,19 +265,20 @@ class LayerContext:
                 seen.add(name)
                 if prune_now is not None:
                     prune_now(name, linear, stats[name])
-                if not keep_outputs and len(seen) == len(linears):
+                if not keep_outputs and seen.issuperset(linears):
                     raise _Captured  # every statistic of this batch is in; the rest of the forward is not needed
 
             return hook
 
         handles = [lin.register_forward_pre_hook(make_hook(name, lin)) for name, lin in dense.items()]
         routed = [RoutedObserver(group, self.moe_calib, stats, seen, hessian=hessian, moments=moments, device=device,
-                                 prune_now=prune_now) for group in self.layer.experts]
+                                 prune_now=prune_now) for group in self.layer.experts
+                  if any(name in linears for name in group.linears)]  # moe.targets may leave the experts out
 
         def routed_hook(observer: RoutedObserver) -> Callable[..., None]:
             def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
                 observer.hook(module, args, kwargs)
-                if not keep_outputs and len(seen) == len(linears):
+                if not keep_outputs and seen.issuperset(linears):
                     raise _Captured
 
             return hook

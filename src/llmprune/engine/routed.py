@@ -98,4 +98,7 @@ def moe_summary(layer_reports: list[dict[str, Any]]) -> dict[str, Any] | None:
         return None
     return {"expert_groups": len(groups), "experts": sum(len(g["tokens"]) for g in groups),
             "unrouted_experts": (unrouted := sum(len(g["unrouted"]) for g in groups)),
-            **({"fallback": FALLBACK} if unrouted else {}), "calib": groups[0]["calib"]}
+            **({"fallback": FALLBACK} if unrouted and "removed" not in groups[0] else {}),
+            **({"experts_removed": sum(len(g["removed"]) for g in groups),
+                "experts_per_layer": sorted({g["kept"] for g in groups})} if "removed" in groups[0] else {}),
+            "calib": groups[0]["calib"]}

@@ -116,6 +116,15 @@ class ExpertGroup:
         leaves = ["gate_proj", "up_proj", "down_proj"] if self.has_gate else ["up_proj", "down_proj"]
         return [f"{self.path}.{expert}.{leaf}" for leaf in leaves]
 
+    def build_linears(self) -> dict[str, ExpertLinear]:
+        """(Re)create the per-expert views, numbered 0..num_experts-1 (after experts were removed too)."""
+        parts: list[tuple[str, str | None]] = [(self.up_name, "gate"), (self.up_name, "up")] if self.has_gate else [
+            (self.up_name, None)]
+        parts.append(("down_proj", None))
+        self.linears = {name: ExpertLinear(self, param, e, part) for e in range(self.num_experts)
+                        for name, (param, part) in zip(self.names(e), parts, strict=True)}
+        return self.linears
+
     def _fused(self, param: str, expert: int) -> tuple[Tensor, Tensor | None]:
         w = getattr(self.module, param)[expert]
         b = getattr(self.module, f"{param}_bias")[expert] if self.has_bias else None
@@ -193,12 +202,7 @@ def find_expert_groups(layer: nn.Module, config: Any, where: str) -> list[Expert
                             _top_k(router, block, module, config, getattr(config, "text_config", None)),
                             bool(has_gate), bool(layout["has_bias"]), bool(layout["is_transposed"]),
                             bool(layout["is_concatenated"]))
-        for e in range(num_experts):
-            names = group.names(e)
-            parts: list[tuple[str, str | None]] = [(up, "gate"), (up, "up")] if has_gate else [(up, None)]
-            parts.append(("down_proj", None))
-            for name, (param, part) in zip(names, parts, strict=True):
-                group.linears[name] = ExpertLinear(group, param, e, part)
+        group.build_linears()
         groups.append(group)
     return groups
 
@@ -230,3 +234,32 @@ def routed_tokens(index: Tensor, expert: int) -> tuple[Tensor, Tensor]:
     """(token rows, top-k slot) of the tokens the router sent to ``expert``."""
     token, slot = torch.where(index == expert)
     return token, slot
+
+
+def shared_expert_names(layer: Any) -> list[str]:
+    """The ``nn.Linear`` names of a decoder layer that sit in an MoE block beside the routed experts
+    (shared experts of Qwen2-MoE, DeepSeek, GLM; routers are not linears of the view)."""
+    return [name for name, lin in layer.linears.items() if isinstance(lin, nn.Module) and any(
+        g.block_path and name.startswith(g.block_path + ".") for g in layer.experts)]
+
+
+def select_targets(view: Any, targets: str) -> None:
+    """Keep in ``view`` only the linears ``moe.targets`` names (all, experts, shared, dense); refuse a
+    request the model cannot satisfy, before any work."""
+    if targets == "all":
+        return
+    moe_layers = [layer for layer in view.layers if layer.experts]
+    if not moe_layers:
+        raise LLMPruneError(f"moe.targets={targets} asks for Mixture-of-Experts parts, but "
+                            f"{type(view.model).__name__} has no MoE layer")
+    if targets == "shared" and not any(shared_expert_names(layer) for layer in moe_layers):
+        raise LLMPruneError(f"moe.targets=shared, but {type(view.model).__name__} has no shared experts (its MoE "
+                            f"blocks hold only routed experts and a router); use moe.targets=experts or all")
+    for layer in view.layers:
+        routed = {n for n, lin in layer.linears.items() if isinstance(lin, ExpertLinear)}
+        shared = set(shared_expert_names(layer))
+        keep = {"experts": routed, "shared": shared, "dense": set(layer.linears) - routed}[targets]
+        for name in list(layer.linears):
+            if name not in keep:
+                del layer.linears[name]
+                del layer.roles[name]
