@@ -15,6 +15,7 @@ from pydantic import ValidationError
 from .data.sources import TextSource, resolve, resolve_data_dir
 from .data.tokens import calibration_windows, evaluation_sets, token_hash
 from .engine.engine import run_layerwise
+from .engine.routed import check_moe_calib, moe_summary
 from .engine.streaming import StreamingStore, partial_dir, settings_hash
 from .errors import LLMPruneError
 from .eval.perplexity import perplexity
@@ -24,6 +25,7 @@ from .io.provenance import describe_loaded, describe_source, saved_dtype
 from .io.public import namer_for, public_report
 from .io.save import check_output_dir, finish_folder, install_dir, save_run
 from .methods import METHODS, Method
+from .methods.experts import ExpertPruning
 from .methods.structured import ChannelMethod, RemovalStep
 from .models.loading import (
     _structure_record,
@@ -34,6 +36,7 @@ from .models.loading import (
     pick_dtype,
     resolve_source,
 )
+from .models.moe import select_targets
 from .models.shards import ShardReader, empty_model, tensor_bytes
 from .models.view import ModelView, check_finite_weights, check_not_tied, model_view
 from .recipe import Recipe, build_recipe, comma_list
@@ -177,6 +180,7 @@ def _plan(rec: Recipe, tasks: PreparedTasks | None = None, check_output: bool = 
             )
     if tasks is None and rec.eval.tasks:
         tasks = prepare_tasks(rec.eval.tasks, data_dir=rec.data_dir, include_path=rec.eval.include_path)
+    check_moe_calib(rec.calib.moe)
     device, *extra = pick_devices(rec.model.device)
     return _Plan(rec, method, pattern, calib_source, eval_sources, tasks, device, tuple(extra))
 
@@ -216,6 +220,7 @@ def _report_fields(plan: _Plan, net: Any, calib_ids: torch.Tensor | None, sparsi
                    **({"dense": structure["params"]["dense"]} if method.structured else {})},
         **({"structure": structure} if method.structured else {}),
         "layers": layer_reports,
+        **({"moe": summary} if (summary := moe_summary(layer_reports)) is not None else {}),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
         "device": str(plan.device),
@@ -247,7 +252,7 @@ def _execute(plan: _Plan, net: Any, tok: Any, view: ModelView, calib_ids: torch.
     else:
         layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=cache_device,
                                       batch_size=rec.calib.batch_size, progress=progress,
-                                      extra_devices=plan.extra_devices)
+                                      extra_devices=plan.extra_devices, moe_calib=rec.calib.moe)
     structure = method.finalize(view)
     timings["prune_s"] = time.perf_counter() - t0
 
@@ -371,6 +376,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     reader = ShardReader.open(folder)
     net = empty_model(folder, dtype)
     view = model_view(net)
+    _select_moe_targets(plan, view)
     method.validate(view)
     check_not_tied(view)
     tok = AutoTokenizer.from_pretrained(str(folder))
@@ -404,7 +410,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     else:
         layer_reports = run_layerwise(view, method, calib_ids, device=plan.device, cache_device=torch.device("cpu"),
                                       batch_size=rec.calib.batch_size, progress=progress, store=store,
-                                      extra_devices=plan.extra_devices)
+                                      extra_devices=plan.extra_devices, moe_calib=rec.calib.moe)
         structure = method.finalize(view)
     timings = {"load_s": load_s, "data_s": data_s, "prune_s": time.perf_counter() - t0}
     store.finish()
@@ -463,6 +469,15 @@ def _base_recipe(recipe: Recipe | str | Path | dict[str, Any] | None) -> dict[st
     return {}
 
 
+def _select_moe_targets(plan: _Plan, view: ModelView) -> None:
+    """``moe.targets``: restrict the view to the linears the weight-pruning methods may prune."""
+    targets = plan.recipe.moe.targets
+    if targets != "all" and isinstance(plan.method, ExpertPruning):
+        raise LLMPruneError(f"moe.targets={targets} selects linears for weight pruning; {plan.method.name} removes "
+                            f"whole routed experts (leave moe.targets=all)")
+    select_targets(view, targets)
+
+
 def _load_checked(plan: _Plan, model: Any, tokenizer: Any) -> tuple[Any, Any, ModelView, float]:
     """Load (or take) the model and run every check that needs it."""
     rec = plan.recipe
@@ -473,6 +488,7 @@ def _load_checked(plan: _Plan, model: Any, tokenizer: Any) -> tuple[Any, Any, Mo
         net, tok = load_model(rec.model.name, rec.model.dtype, rec.model.device)
     load_s = time.perf_counter() - t0
     view = model_view(net)
+    _select_moe_targets(plan, view)
     plan.method.validate(view)
     check_not_tied(view)
     check_finite_weights(view)

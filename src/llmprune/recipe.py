@@ -38,6 +38,8 @@ class CalibSpec(_Strict):
     seed: int = 0
     batch_size: int = Field(1, ge=1, description="calibration windows per forward")
     offload: bool = Field(False, description="keep cached activations on the CPU when computing on a GPU")
+    moe: str = Field("routed", description="Mixture-of-Experts: routed = each expert is calibrated on the tokens "
+                     "its router sends it; all = every token through every expert (statistics only)")
 
 
 class MethodSpec(BaseModel):
@@ -63,11 +65,18 @@ class EvalSpec(_Strict):
     include_path: str | None = Field(None, description="zero-shot: a folder of lm-eval task YAMLs of one's own")
 
 
+class MoESpec(_Strict):
+    targets: Literal["all", "experts", "shared", "dense"] = Field(
+        "all", description="Mixture-of-Experts: which linears the weight-pruning methods prune: all, experts (the "
+        "routed experts only), shared (the shared experts only), dense (everything but the routed experts)")
+
+
 class Recipe(_Strict):
     model: ModelSpec = ModelSpec()
     calib: CalibSpec = CalibSpec()
     method: MethodSpec = MethodSpec()
     eval: EvalSpec = EvalSpec()
+    moe: MoESpec = MoESpec()
     data_dir: str | None = None
     output: str | None = None
     overwrite: bool = False

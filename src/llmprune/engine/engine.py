@@ -27,6 +27,7 @@ from .context import calibration_mode
 from .devices import Replicas
 from .heap import heap_allocations
 from .observers import InputStats
+from .routed import RoutedObserver
 
 if TYPE_CHECKING:
     from ..methods.base import Method
@@ -86,6 +87,9 @@ class LayerContext:
     # Copies of the layer on the extra devices of a multi-device run: observe() and forward() split
     # the batches over them (see engine.devices); everything else runs on ``device``.
     replicas: Replicas | None = None
+    # MoE layers: how each expert is calibrated (engine.routed) and, once observed, the tokens each saw.
+    moe_calib: str = "routed"
+    expert_report: dict[str, Any] | None = None
 
     @property
     def num_batches(self) -> int:
@@ -193,7 +197,7 @@ class LayerContext:
             raise ValueError("observe(prune_now=...) needs all calibration windows in one batch")
         keep_outputs = keep_outputs or prune_now is not None
         options = dict(hessian=hessian, keep_outputs=keep_outputs, prune_now=prune_now, moments=moments)
-        if self.replicas is None or prune_now is not None:
+        if self.replicas is None or prune_now is not None or self.layer.is_moe:
             stats, outputs = self._observe_share(self.layer.module, self.device, list(range(self.num_batches)), **options)
         else:  # the copies were made from the layer as it is now (observing comes before pruning)
             parts = self.replicas.run(self.layer.module, self.device, self.num_batches,
@@ -236,6 +240,7 @@ class LayerContext:
         """:meth:`observe` of ``batches`` on ``module`` (the layer, or its copy on another device)."""
         linears = self.layer.linears if module is self.layer.module else {
             name: module.get_submodule(name) for name in self.layer.linears}
+        dense = {name: lin for name, lin in linears.items() if isinstance(lin, nn.Module)}
         stats: dict[str, InputStats] = {}
         source_of: dict[str, str] = {}
         live: dict[int, str] = {}  # id(input tensor) -> linear that accumulates it, within one batch
@@ -260,12 +265,25 @@ class LayerContext:
                 seen.add(name)
                 if prune_now is not None:
                     prune_now(name, linear, stats[name])
-                if not keep_outputs and len(seen) == len(linears):
+                if not keep_outputs and seen.issuperset(linears):
                     raise _Captured  # every statistic of this batch is in; the rest of the forward is not needed
 
             return hook
 
-        handles = [lin.register_forward_pre_hook(make_hook(name, lin)) for name, lin in linears.items()]
+        handles = [lin.register_forward_pre_hook(make_hook(name, lin)) for name, lin in dense.items()]
+        routed = [RoutedObserver(group, self.moe_calib, stats, seen, hessian=hessian, moments=moments, device=device,
+                                 prune_now=prune_now) for group in self.layer.experts
+                  if any(name in linears for name in group.linears)]  # moe.targets may leave the experts out
+
+        def routed_hook(observer: RoutedObserver) -> Callable[..., None]:
+            def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+                observer.hook(module, args, kwargs)
+                if not keep_outputs and seen.issuperset(linears):
+                    raise _Captured
+
+            return hook
+
+        handles += [obs.group.module.register_forward_pre_hook(routed_hook(obs), with_kwargs=True) for obs in routed]
         outputs: dict[int, Tensor] = {}
         try:
             for b in batches:
@@ -280,6 +298,8 @@ class LayerContext:
         finally:
             for handle in handles:
                 handle.remove()
+        if routed:
+            self.expert_report = {obs.group.path: obs.finish() for obs in routed}
         return stats, outputs
 
 
@@ -322,6 +342,7 @@ def run_layerwise(
     progress: bool = False,
     store: LayerStore | None = None,
     extra_devices: Sequence[torch.device] = (),
+    moe_calib: str = "routed",
 ) -> list[dict[str, Any]]:
     """Prune every decoder layer of ``view`` with ``method``; return one report dict per layer.
 
@@ -380,8 +401,8 @@ def run_layerwise(
                 with store.loaded(layer):
                     with onloaded(layer.module, device):
                         ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index],
-                                           inputs.kwargs[layer.index])
-                        if pool is not None and not linear_sequential:
+                                           inputs.kwargs[layer.index], moe_calib=moe_calib)
+                        if pool is not None and not linear_sequential and not layer.is_moe:
                             ctx.replicas = Replicas(layer.module, extra_devices, pool)
                         if linear_sequential:
                             report = _timed(ctx, lambda ctx=ctx: _prune_while_observing(method, ctx))
@@ -389,6 +410,8 @@ def run_layerwise(
                             if method.stats is not None or dense:
                                 ctx.stats = ctx.observe(**_stats_kind(method), keep_outputs=dense)
                             report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
+                        if ctx.expert_report is not None:
+                            report["experts"] = ctx.expert_report
                         hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()
                         ctx.replicas = None  # the copies go with this layer
                     hidden = store.done(layer, report, hidden)
@@ -423,4 +446,5 @@ def _prune_while_observing(method: Method, ctx: LayerContext) -> dict[str, Any]:
         sparsity[name] = method.prune_linear(name, linear, stats)
 
     ctx.stats = ctx.observe(**_stats_kind(method), prune_now=prune_now)
-    return {"sparsity": {name: sparsity[name] for name in ctx.layer.linears}}
+    return {"sparsity": {name: sparsity[name] for name in ctx.layer.linears},
+            **({"experts": ctx.expert_report} if ctx.expert_report is not None else {})}

@@ -74,6 +74,14 @@ class InputStats:
             else:
                 self._sq_norm.add_(chunk.pow(2).sum(dim=0))
 
+    def as_identity_(self) -> None:
+        """Make these statistics uninformative: every column's ||X_j||^2 is 1 and X^T X is the identity,
+        so Wanda and SparseGPT rank weights by |W| alone (SparseGPT makes no update). The stated
+        fallback for an MoE expert the router sent no calibration token to (``tokens`` stays 0)."""
+        self._sq_norm.fill_(1.0)
+        if self.hessian is not None:
+            self.hessian = torch.eye(self.in_features, dtype=STATS_DTYPE, device=self.hessian.device)
+
     def merge_(self, other: InputStats) -> None:
         """Add ``other``'s tokens (statistics of the same linear on other calibration batches, e.g. from
         another device of a multi-device run) into these, in place."""

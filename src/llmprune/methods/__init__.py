@@ -3,6 +3,6 @@
 from .base import METHODS, Method
 
 # Registration happens on import; keep these explicit.
-from . import barber, cfsp, magnitude, sparsegpt, structured_baselines, wanda  # noqa: E402,F401  isort: skip
+from . import barber, cfsp, experts, magnitude, sparsegpt, structured_baselines, wanda  # noqa: E402,F401  isort: skip
 
 __all__ = ["METHODS", "Method"]

@@ -17,7 +17,9 @@ class Role(str, Enum):
 
 _BY_LEAF: dict[str, Role] = {
     **dict.fromkeys(["q_proj", "k_proj", "v_proj", "qkv_proj", "query_key_value", "Wqkv", "c_attn",
-                     "query", "key", "value", "W_pack"], Role.ATTN_IN),
+                     "query", "key", "value", "W_pack",
+                     # multi-head latent attention (DeepSeek-V2/V3, GLM-4.7-Lite): low-rank q and kv paths
+                     "q_a_proj", "q_b_proj", "kv_a_proj_with_mqa", "kv_b_proj"], Role.ATTN_IN),
     **dict.fromkeys(["o_proj", "out_proj", "wo"], Role.ATTN_OUT),
     **dict.fromkeys(["gate_proj", "up_proj", "gate_up_proj", "fc1", "w1", "w3", "c_fc",
                      "dense_h_to_4h"], Role.MLP_IN),

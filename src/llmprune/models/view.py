@@ -7,7 +7,9 @@ Found by introspection, so a new family that follows the common layout needs no 
   ``config.num_hidden_layers``; otherwise the longest list of identical blocks that hold linears;
 * attention type: ``layer.attention_type`` or ``config.layer_types[i]`` (Gemma 2/3, Qwen with
   sliding windows), else ``"full_attention"``;
-* linear roles: :mod:`llmprune.models.roles`.
+* linear roles: :mod:`llmprune.models.roles`;
+* Mixture-of-Experts layers: each routed expert's projections become linears with MLP roles
+  (:mod:`llmprune.models.moe`); routers are never presented. Dense and MoE layers may mix.
 
 An unknown layout fails with an error that shows what was found.
 """
@@ -20,6 +22,7 @@ from torch import nn
 
 from ..errors import LLMPruneError
 from ..sparsity.bits import all_finite
+from .moe import ExpertGroup, ExpertLinear, find_expert_groups, is_routing_linear
 from .roles import Role, role_of
 
 
@@ -30,6 +33,17 @@ class DecoderLayer:
     attention_type: str
     linears: dict[str, nn.Linear]  # dotted name inside the layer -> module, in module order
     roles: dict[str, Role]
+    # Routed experts (MoE layers): their linears (ExpertLinear views into the fused 3-D parameters)
+    # are in ``linears`` too, named ``<experts path>.<expert>.<gate_proj|up_proj|down_proj>``.
+    experts: list[ExpertGroup] = field(default_factory=list)
+
+    @property
+    def is_moe(self) -> bool:
+        return bool(self.experts)
+
+    def dense_linears(self) -> dict[str, nn.Linear]:
+        """The ``nn.Linear`` modules of the layer (everything but the routed experts' views)."""
+        return {name: lin for name, lin in self.linears.items() if not isinstance(lin, ExpertLinear)}
 
     def by_role(self, role: Role) -> dict[str, nn.Linear]:
         return {name: lin for name, lin in self.linears.items() if self.roles[name] is role}
@@ -37,8 +51,12 @@ class DecoderLayer:
     def sub_block(self, kind: str) -> nn.Module | None:
         """The module that holds the attention ("attn") or MLP ("mlp") linears, if one module holds them all.
 
-        None when the linears sit directly in the layer (OPT's fc1/fc2).
+        None when the linears sit directly in the layer (OPT's fc1/fc2). For an MoE layer's MLP: the
+        MoE block (router, experts and shared experts), if it is one module.
         """
+        if kind == "mlp" and self.experts:
+            blocks = {g.block_path for g in self.experts}
+            return self.module.get_submodule(blocks.pop()) if len(blocks) == 1 and "" not in blocks else None
         roles = (Role.ATTN_IN, Role.ATTN_OUT) if kind == "attn" else (Role.MLP_IN, Role.MLP_OUT)
         names = [n for n, r in self.roles.items() if r in roles]
         parents = {n.rsplit(".", 1)[0] if "." in n else "" for n in names}
@@ -72,6 +90,10 @@ class ModelView:
             "attention_types": [layer.attention_type for layer in self.layers],
             "roles": {name: role.value for name, role in first.roles.items()},
             "shapes": {name: list(lin.weight.shape) for name, lin in first.linears.items()},
+            **({"moe": {"layers": [layer.index for layer in self.layers if layer.is_moe],
+                        "experts": {g.path: {"num_experts": g.num_experts, "top_k": g.top_k, "router": g.router_path}
+                                    for layer in self.layers for g in layer.experts}}}
+               if any(layer.is_moe for layer in self.layers) else {}),
         }
 
 
@@ -114,13 +136,18 @@ def model_view(model: nn.Module) -> ModelView:
         linears: dict[str, nn.Linear] = {}
         roles: dict[str, Role] = {}
         unknown: list[str] = []
+        groups = find_expert_groups(block, config, f"{path}.{index}")
         for name, mod in block.named_modules():
-            if isinstance(mod, nn.Linear):
+            if isinstance(mod, nn.Linear) and not is_routing_linear(name, groups):
                 role = role_of(name)
                 if role is None:
                     unknown.append(name)
                 else:
                     linears[name], roles[name] = mod, role
+        for group in groups:
+            for name, expert_linear in group.linears.items():
+                linears[name] = expert_linear  # type: ignore[assignment]  (nn.Linear-like: weight, in/out_features)
+                roles[name] = role_of(name)  # type: ignore[assignment]  (gate_proj/up_proj/down_proj)
         if unknown or not linears:
             raise LLMPruneError(
                 f"unknown layout in {path}.{index} ({type(block).__name__}): linear layers "
@@ -133,7 +160,7 @@ def model_view(model: nn.Module) -> ModelView:
                 f"layer {path}.{index} ({type(block).__name__}) lacks linears for roles "
                 f"{sorted(r.value for r in missing)}; found {dict((n, r.value) for n, r in roles.items())}"
             )
-        view.layers.append(DecoderLayer(index, block, _attention_type(block, index, config), linears, roles))
+        view.layers.append(DecoderLayer(index, block, _attention_type(block, index, config), linears, roles, groups))
     return view
 
 

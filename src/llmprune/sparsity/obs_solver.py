@@ -106,7 +106,9 @@ def sparsegpt_prune(
     Returns (new_weight float32, prune_mask bool); new_weight is zero exactly where the mask is True.
     """
     w = weight.detach()
-    w = w if overwrite and w.dtype == torch.float32 and w.is_contiguous() else w.float().clone()
+    # contiguous: a transposed view (an MoE expert of gpt-oss) would keep its strides through clone()
+    w = w if overwrite and w.dtype == torch.float32 and w.is_contiguous() else w.float().clone(
+        memory_format=torch.contiguous_format)
     rows, cols = w.shape
     if mask is not None:
         if mask.shape != w.shape or mask.dtype != torch.bool:
