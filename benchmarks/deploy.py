@@ -47,7 +47,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cfsp30_uniform": {"method": "cfsp", "sparsity": 0.3, "method_options": {"uniform": True}},
     "cfsp50_uniform": {"method": "cfsp", "sparsity": 0.5, "method_options": {"uniform": True}},
     "wanda50": {"method": "wanda", "sparsity": 0.5},
+    # widths rounded to llama.cpp's block sizes (k-quants: 256, q5_0/q8_0: 32), so no tensor falls back
+    "cfsp30_round32": {"method": "cfsp", "sparsity": 0.3, "method_options": {"round_to": 32}},
+    "cfsp30_round256": {"method": "cfsp", "sparsity": 0.3, "method_options": {"round_to": 256}},
 }
+DEFAULT_VARIANTS = ("dense", "cfsp10", "cfsp20", "cfsp30", "cfsp50", "cfsp30_uniform", "cfsp50_uniform", "wanda50")
 TYPES = ("f16", "q4_k_m")
 
 
@@ -106,12 +110,24 @@ def speed(path: Path, prompt: list[int], decode: int, repeats: int, threads: int
             "prefill_runs": [round(x, 2) for x in prefill], "decode_runs": [round(x, 2) for x in dec]}
 
 
+def markdown(out: dict[str, Any]) -> str:
+    """The table docs/deployment.md shows."""
+    lines = ["| variant | type | arch | file MB | prefill tok/s | decode tok/s | decode x (ideal x) | prefill x "
+             "| ppl llama.cpp | ppl PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, row in out["results"].items():
+        for qtype, e in row["types"].items():
+            lines.append(f"| {name} | {qtype} | {e['arch']} | {e['file_bytes'] / 1e6:.0f} | {e['prefill_tok_s']:.0f} | "
+                         f"{e['decode_tok_s']:.1f} | {e.get('decode_speedup', 1):.2f} ({e.get('ideal_decode_speedup', 1):.2f})"
+                         f" | {e.get('prefill_speedup', 1):.2f} | {e['ppl_llama_cpp']:.2f} | {row['ppl_pytorch_f32']:.2f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data-dir", default=os.environ.get("LLMPRUNE_DATA_DIR"))
     ap.add_argument("--work", default=str(REPO / "runs" / "deploy-bench"), help="run folders and GGUF files")
     ap.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "deploy" / "deploy.json"))
-    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--variants", default=",".join(DEFAULT_VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--nsamples", type=int, default=16)
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--prefill", type=int, default=512)
@@ -192,6 +208,7 @@ def main() -> None:
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=2) + "\n")
+    print(markdown(out))
     print(f"wrote {args.output}")
 
 

@@ -120,7 +120,13 @@ def _prune_run(tmp_path: Path, family: str, variant: str, calib_file: Path) -> P
 
 
 VARIANTS = ["dense", "wanda50", "sparsegpt24", "cfsp20", "cfsp_kv"]
-CASES = [(f, v) for f in EXPORTABLE for v in VARIANTS if not (v == "cfsp_kv" and f not in KV_PRUNABLE)]
+# Every variant on LLaMA (uneven widths -> llama.cpp's per-layer 'deci') and Qwen3 (uneven widths ->
+# zero-padded); every family dense and structured (per-layer MLP widths and, where heads can be
+# removed, KV groups). Unstructured variants keep the dense shapes, so on the other families they
+# take the dense path; they are left out there to keep the suite short.
+CASES = ([(f, v) for f in ("llama", "qwen3") for v in VARIANTS]
+         + [(f, v) for f in EXPORTABLE if f not in ("llama", "qwen3")
+            for v in ("dense", "cfsp_kv" if f in KV_PRUNABLE else "cfsp20")])
 
 
 @needs_llama_cpp

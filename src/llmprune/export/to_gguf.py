@@ -522,6 +522,14 @@ def _write(model: Any, source: Any, report: dict[str, Any] | None, spec: _Family
                      f"heads): exact, but as slow as that width; prune with --set method.uniform=true to run faster")
     if arch_name == "DECI":
         notes.append("uneven widths written as llama.cpp's 'deci' architecture (a LLaMA with per-layer sizes)")
+    odd = sorted({x for x in widths if x % 256})
+    if qtype in QUANT_TYPES and qtype not in ("q8_0", "q4_0", "q4_1", "q5_0", "q5_1") and odd:
+        notes.append(f"MLP widths {odd[:4]}{'...' if len(odd) > 4 else ''} are not multiples of 256, the block of "
+                     f"llama.cpp's k-quants: those ffn_down tensors fall back to q5_0/q8_0 (multiples of 32) or f16; "
+                     f"prune with --set method.round_to=256 for a smaller, faster {qtype} file")
+    elif qtype in QUANT_TYPES and any(x % 32 for x in widths):
+        notes.append(f"some MLP widths are not multiples of 32, the block of {qtype}: those ffn_down tensors fall back "
+                     f"to f16; prune with --set method.round_to=32")
     tensors = _tensors(model, spec, arch, pad, widths, kv, q, head_dim)
     sparse = _sparsity(tensors)
     _refuse_fill(qtype, sparse, allow_fill)
