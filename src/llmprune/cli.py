@@ -454,6 +454,33 @@ def recover(
     console.print(summary)
 
 
+@app.command()
+def export(
+    model: str = typer.Argument(..., help="a run folder, a Hugging Face folder, a .gguf file or a built-in name"),
+    output: str = typer.Option(..., "--output", "-o", help="the file to write (FILE.gguf)"),
+    format_: str = typer.Option("gguf", "--format", help="gguf (runs in llama.cpp, Ollama, LM Studio)"),
+    type_: str = typer.Option("f16", "--type", help="f32, f16, bf16, or a llama.cpp quantization: q8_0, q4_0, q4_k_m, ..."),
+    allow_fill: bool = typer.Option(False, "--allow-fill", help="quantize a sparse model with a type that fills in its zeros"),
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace an existing output file"),
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+) -> None:
+    """Export a model to GGUF for llama.cpp, with the tokenizer and the per-layer widths (docs/deployment.md)."""
+    _setup_logging(verbose)
+    from .export import export as api_export
+
+    try:
+        result = api_export(model, output, format=format_, type=type_, overwrite=overwrite, allow_fill=allow_fill)
+    except LLMPruneError as exc:
+        _fail(exc)
+        return
+    widths = sorted(set(result.mlp_widths))
+    console.print(f"wrote {result.path} ({result.size_bytes / 2**20:.1f} MiB, {result.type}, llama.cpp arch "
+                  f"{result.arch}); MLP widths {widths[0]}..{widths[-1]}, KV heads {min(result.kv_heads)}.."
+                  f"{max(result.kv_heads)}; tokenizer {result.tokenizer}")
+    for note in result.notes:
+        console.print(f"note: {note}")
+
+
 def main() -> None:
     app()
 
