@@ -5,8 +5,8 @@ for each decoder layer, the initializer prunes every linear, then, first for the
 and then for the MLP sub-block (its input taken after the rebuilt attention):
 
 1. run the pruned sub-block (output y_s) and a float32 copy of its dense weights (y_d) on the same
-   pruned-path input; loss = MSE(y_s, y_d); G = running mean over calibration batches of the
-   squared gradient of the loss w.r.t. the dense weights (one backward per batch);
+   pruned-path input; loss = MSE(y_s, y_d) per sample; G = running mean over calibration samples
+   of the squared gradient of each sample's loss w.r.t. the dense weights;
 2. score S = |W_dense| * sqrt(G) ("WD"; "W" = |W_dense|, "D" = sqrt(G));
 3. rebuild the masks with :func:`llmprune.sparsity.rebuild.rebuild_mask` (swap rule, granularity);
 4. kept weights take their dense values (or keep the initializer's, ``retain_reconstruction``);
@@ -31,9 +31,9 @@ Differences from the reference code (github.com/YupengSu/LLM-Barber), and why:
   batch as they are spent.
 * Every keyword argument the model passes (rotary embeddings, per-layer sliding-window masks) is
   recorded and replayed; the reference passes only ``attention_mask``/``position_ids`` (4.44 era).
-* The gradient is taken with ``torch.autograd.grad`` w.r.t. the linear weights only (not biases,
-  norms or the input), one backward per calibration batch; the running mean weights each batch by
-  its number of samples (the reference: batch size 1, identical).
+* The gradient is taken w.r.t. the linear weights only (not biases, norms or the input); G is the
+  running mean over samples of each sample's squared gradient, as in the reference, at any
+  ``calib.batch_size`` (a batch runs forward once, then backward once per sample).
 * Exact swap counts by rank, N:M beyond 2:4 and for layer/block granularity (see ``rebuild.py``).
 * The layer's last forward (the next layer's inputs) takes the rebuilt attention's outputs recorded
   in the MLP's capture instead of recomputing them (:func:`_replayed`; bit-identical, tested).
@@ -417,12 +417,17 @@ def dense_grad_sq(
     with_grad: bool = True,
     store: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], list[Tensor], float]:
-    """Running mean over batches of the squared gradient of MSE(y_s, y_d) w.r.t. ``weights``.
+    """Running mean over calibration *samples* of the squared gradient of each sample's
+    MSE(y_s, y_d) w.r.t. ``weights`` (the reference's G, whatever the batch size).
 
     run_dense(b): y_d of batch ``b``, computed from the leaf tensors in ``weights``; targets: y_s
     per batch, in order (may be produced lazily: batch ``b``'s target is asked for just before
-    ``run_dense(b)``). Each batch's g^2 is weighted by its sample count. Returns (G per weight,
-    ``store(y_d, y_s)`` per batch (default: y_d detached), mean squared error over all elements).
+    ``run_dense(b)``); samples[b]: batch ``b``'s sample count (its outermost dimension). A batch of
+    several samples runs forward once and backward once per sample on the retained graph, so each
+    sample's gradient is squared on its own (the square of a batch's mean gradient is not the mean
+    of the squares: at 3-6 samples per batch G differed by 59-90%); memory stays one batch's graph
+    and one weight's gradient. Returns (G per weight, ``store(y_d, y_s)`` per batch (default: y_d
+    detached), mean squared error over all elements).
     """
     grad_sq = {name: torch.zeros_like(w) for name, w in weights.items()} if with_grad else {}
     dense_out: list[Tensor] = []
@@ -447,18 +452,25 @@ def dense_grad_sq(
             handles.append(leaf.register_post_accumulate_grad_hook(fold(name)))
     try:
         for b, target in enumerate(targets):
-            seen += samples[b]
-            decay.update(keep=(seen - samples[b]) / seen, add=samples[b] / seen)
-            folded.clear()
+            n = samples[b]
             with torch.set_grad_enabled(with_grad):
                 y_d = run_dense(b)
                 y_s = target.to(y_d.device, y_d.dtype)
                 loss = F.mse_loss(y_d, y_s)
-                if with_grad:
+                if with_grad and n == 1:
+                    seen += 1
+                    decay.update(keep=(seen - 1) / seen, add=1 / seen)
+                    folded.clear()
                     loss.backward()
-            if with_grad and sorted(folded) != sorted(weights):
-                raise RuntimeError(f"barber: the dense sub-block's output does not depend on "
-                                   f"{sorted(set(weights) - set(folded))}")
+                    _check_folded(folded, weights)
+                elif with_grad:  # one backward per sample through the batch's retained graph
+                    per_sample_d, per_sample_s = y_d.reshape(n, -1), y_s.reshape(n, -1)
+                    for k in range(n):
+                        seen += 1
+                        decay.update(keep=(seen - 1) / seen, add=1 / seen)
+                        folded.clear()
+                        F.mse_loss(per_sample_d[k], per_sample_s[k]).backward(retain_graph=k < n - 1)
+                        _check_folded(folded, weights)
             sse += float(loss.detach()) * y_d.numel()
             numel += y_d.numel()
             dense_out.append(store(y_d.detach(), target) if store is not None else y_d.detach())
@@ -469,6 +481,12 @@ def dense_grad_sq(
             leaf.requires_grad_(False)
             leaf.grad = None
     return grad_sq, dense_out, sse / max(numel, 1)
+
+
+def _check_folded(folded: list[str], weights: dict[str, Tensor]) -> None:
+    if sorted(folded) != sorted(weights):
+        raise RuntimeError(f"barber: the dense sub-block's output does not depend on "
+                           f"{sorted(set(weights) - set(folded))}")
 
 
 @METHODS.register("barber")
