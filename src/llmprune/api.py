@@ -95,6 +95,9 @@ def fields_from_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
 def resolve_method(recipe: Recipe) -> tuple[Method, Pattern]:
     """The method instance and pattern a recipe asks for, all options checked."""
     cls = METHODS.get(recipe.method.name)
+    if "order" in recipe.method.options and "order" not in cls.Options.model_fields:
+        raise LLMPruneError(f"method.order chooses when an initializer prunes (method barber's init); method "
+                            f"{cls.name} has no initializer, so drop method.order")
     try:
         options = cls.Options(**recipe.method.options)
     except ValidationError as exc:
@@ -276,6 +279,8 @@ def _stream_unsupported(plan: _Plan) -> list[str]:
     if not _streamable(type(method)):
         reasons.append(f"method {method.name} needs all layers before it removes anything (streaming supports "
                        f"{', '.join(streamable_methods())})")
+    if method.initial_pass() is not None:
+        reasons.append(f"method {method.name} with order=reference initializes every layer before rebuilding any")
     if rec.eval.datasets or rec.eval.tasks:
         reasons.append("evaluation during a streamed prune is not supported; evaluate the output folder with "
                        "llmprune eval")

@@ -96,8 +96,8 @@ from ..models.view import DecoderLayer, ModelView
 from ..sparsity.exact_solver import masked_least_squares
 from ..sparsity.obs_solver import sparsegpt_prune_stacked
 from ..sparsity.patterns import Pattern
-from ..sparsity.rebuild import NM_GRANULARITIES, rebuild_mask
-from . import magnitude, sparsegpt, wanda  # noqa: F401  (the initializers must be registered)
+from ..sparsity.rebuild import NM_GRANULARITIES, counting, rebuild_mask
+from . import faithful, magnitude, sparsegpt, wanda  # noqa: F401  (the initializers must be registered)
 from .base import METHODS, Method, MethodOptions, zero_fraction
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,15 @@ class BarberOptions(MethodOptions):
         "solve per output row for its kept weights (never a larger calibration error; O(rows * k^3))")
     guard: bool = Field(False, description="keep the initializer's sub-block when rebuilding raises its calibration "
                         "reconstruction error (an llmprune extension)")
+    order: Literal["reference", "layer"] = Field(
+        "layer", description="reference = the initializer prunes every layer first, then each layer is rebuilt "
+        "(the released main.py; keeps a float32 copy of every layer's dense linears); layer = each layer is "
+        "initialized then rebuilt before the next, so its initial mask is calibrated on rebuilt layers")
+    swap_count: Literal["exact", "float32"] = Field(
+        "exact", description="swaps applied of r beneficial ones: exact = floor(ratio * r) in float64; float32 = "
+        "int(r * ratio) as the released code computes it (an int64 tensor times a float: a float32 product)")
+    faithful: bool = Field(False, description="the released code (YupengSu/LLM-Barber 6f5ca4e): order=reference, "
+                           "swap_count=float32, no extension (guard, reconstruct), the initializer's own faithful form")
     scope: Literal["row", "matrix"] = Field("row", description="sparsity scope of the initializer "
                                             "(default: the initializer's own default)")
 
@@ -145,6 +154,12 @@ class BarberOptions(MethodOptions):
 
     @model_validator(mode="before")
     @classmethod
+    def _faithful(cls, data: Any) -> Any:
+        return faithful.apply(data, "barber", {"order": "reference", "swap_count": "float32", "guard": False,
+                                               "reconstruct": False})
+
+    @model_validator(mode="before")
+    @classmethod
     def _initializer_scope(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("scope") is None:
             init = data.get("init", "wanda")
@@ -152,6 +167,27 @@ class BarberOptions(MethodOptions):
                 field = METHODS.get(init).Options.model_fields.get("scope")
                 data = {**data, "scope": field.default if field is not None else "row"}
         return data
+
+
+class _InitPass(Method):
+    """``order="reference"``: the initializer over every layer, before Barber's own pass. It keeps
+    each layer's dense float32 sub-block weights (on the cache device) and the initializer's report
+    for Barber's rebuild of that layer."""
+
+    needs_calibration = True
+
+    def __init__(self, barber: Barber) -> None:
+        super().__init__(barber.pattern, barber.base.options)
+        self.barber = barber
+        self.name = f"{barber.base.name} (barber init)"  # type: ignore[misc]
+        self.stats = barber.base.stats  # type: ignore[misc]
+
+    def prune_layer(self, ctx: Any) -> dict[str, Any]:
+        blocks = [SubBlock.find(ctx.layer, kind) for kind in _KINDS]
+        self.barber.dense[ctx.layer.index] = [move_to(block.snapshot(), ctx.cache_device) for block in blocks]
+        report = self.barber.base.prune_layer(ctx)
+        self.barber.init_reports[ctx.layer.index] = report
+        return report
 
 
 class _Stop(Exception):
@@ -512,7 +548,10 @@ class Barber(Method):
                 f"use granularity {', '.join(repr(g) for g in NM_GRANULARITIES)}")
         base_cls = METHODS.get(options.init)
         base_fields = base_cls.Options.model_fields
-        self.base = base_cls(pattern, base_cls.Options(**({"scope": pattern.scope} if "scope" in base_fields else {})))
+        base_opts: dict[str, Any] = {"scope": pattern.scope} if "scope" in base_fields else {}
+        if options.faithful and "faithful" in base_fields:
+            base_opts = {"faithful": True}  # e.g. SparseGPT's reference block count (its scope is then fixed)
+        self.base = base_cls(pattern, base_cls.Options(**base_opts))
         if options.reconstruct and options.retain_reconstruction:
             raise LLMPruneError("barber options reconstruct and retain_reconstruction exclude each other: reconstruct "
                                 "re-solves every kept weight from the dense ones; give only one of them")
@@ -522,6 +561,14 @@ class Barber(Method):
         # reconstruct needs each linear's X^T X; the initializers read their own statistics from it
         # (Wanda's ||X_j||^2 is its diagonal).
         self.stats = "hessian" if options.reconstruct else base_cls.stats  # type: ignore[misc]
+        if options.order == "reference" and not options.reconstruct:
+            self.stats = None  # type: ignore[misc]  # the initializer observed its own in its pass
+        # order="reference": what the initializer's pass left for each layer (see _InitPass)
+        self.dense: dict[int, list[dict[str, Tensor]]] = {}
+        self.init_reports: dict[int, dict[str, Any]] = {}
+
+    def initial_pass(self) -> Method | None:
+        return _InitPass(self) if self.opts.order == "reference" else None
 
     def validate(self, view: ModelView) -> None:
         super().validate(view)
@@ -546,8 +593,14 @@ class Barber(Method):
 
     def prune_layer(self, ctx: Any) -> dict[str, Any]:
         blocks = [SubBlock.find(ctx.layer, kind) for kind in _KINDS]
-        dense = [block.snapshot() for block in blocks]  # before the initializer touches the layer
-        init_report = self.base.prune_layer(ctx)
+        if self.opts.order == "reference":  # the initializer's pass pruned every layer already
+            if ctx.layer.index not in self.dense:
+                raise RuntimeError(f"barber order=reference: layer {ctx.layer.index} was not initialized first")
+            dense = [move_to(p, ctx.device) for p in self.dense.pop(ctx.layer.index)]
+            init_report = self.init_reports.pop(ctx.layer.index)
+        else:
+            dense = [block.snapshot() for block in blocks]  # before the initializer touches the layer
+            init_report = self.base.prune_layer(ctx)
         swaps: dict[str, int] = {}
         reconstruction: dict[str, dict[str, float]] = {}
         pending: tuple[str, _ErrorAfter] | None = None  # a rebuilt sub-block whose error the next pass measures
@@ -645,6 +698,15 @@ class Barber(Method):
             del magnitude_score
             if not torch.isfinite(scores[name]).all():
                 raise LLMPruneError(f"layer {ctx.layer.index} {name}: non-finite barber scores (gradients overflow)")
+        with counting(opts.swap_count):
+            new_masks = self._rebuilt_masks(linears, old_masks, scores)
+        del scores
+        return self._apply(ctx, block, records, defer, linears, weights, old_masks, kept_values, new_masks,
+                           dense_out, mse_before)
+
+    def _rebuilt_masks(self, linears: dict[str, nn.Linear], old_masks: dict[str, Tensor],
+                       scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        opts = self.opts
         names = list(linears)
         m = self.pattern.m if self.pattern.is_nm else None
         if opts.granularity == "block":
@@ -654,7 +716,14 @@ class Barber(Method):
         else:
             new_masks = {n: rebuild_mask(old_masks[n], scores[n], opts.ratio, opts.granularity, m=m, nm_rule=opts.nm_rule)
                          for n in names}
-        del scores
+        return new_masks
+
+    def _apply(self, ctx: Any, block: SubBlock, records: _Records, defer: bool, linears: dict[str, nn.Linear],
+               weights: dict[str, Tensor], old_masks: dict[str, Tensor], kept_values: dict[str, Tensor],
+               new_masks: dict[str, Tensor], dense_out: list[Tensor], mse_before: float,
+               ) -> tuple[dict[str, int], dict[str, float], list[Tensor]]:
+        """Write the rebuilt masks (and values) into the live weights; the error after rebuilding."""
+        opts = self.opts
         swaps = {}
         initial = {name: lin.weight.detach().clone() for name, lin in linears.items()} if opts.guard else None
         with torch.no_grad():

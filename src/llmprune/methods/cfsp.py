@@ -26,13 +26,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from ..models.surgery import MlpGroup, attn_group
 from ..models.view import ModelView
 from ..sparsity import channels
-from ..sparsity.allocation import Importance, channel_counts, keep_fractions
+from ..sparsity.allocation import Importance, channel_counts, keep_fractions, reference_channel_counts
+from . import faithful
 from .base import METHODS
 from .structured import ChannelMethod, ChannelOptions, LayerChannelStats
 
@@ -51,6 +52,17 @@ class CfspOptions(ChannelOptions):
                              "heads) to remove, allocated by the same block importance; 0 = attention untouched")
     b: float = Field(1.0, description="exponent of ||X_j|| on the output weights")
     c: float = Field(1.0, description="exponent of ||X_j|| on the summed weight terms")
+    budget: Literal["exact", "reference"] = Field(
+        "exact", description="channels per block from its keep fraction: exact = largest remainder, the total "
+        "exact (with round_to: nearest multiple, at least one multiple); reference = as released: int(n * keep) + 1, "
+        "with round_to half up to the multiple and, where that is 0, every channel kept (a reference bug)")
+    faithful: bool = Field(False, description="the released code (wyxscir/CFSP b2d5b13): score=faithful, "
+                           "normalize=reference, budget=reference")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _faithful(cls, data: Any) -> Any:
+        return faithful.apply(data, "cfsp", {"score": "faithful", "normalize": "reference", "budget": "reference"})
 
 
 @METHODS.register("cfsp")
@@ -90,13 +102,16 @@ class Cfsp(ChannelMethod):
         """Per-block keep fractions for ``ratio`` from the coarse block importance (MLP and attention alike)."""
         opts: Any = self.options
         tokens = self.layer_stats[view.layers[0].index].tokens
-        return keep_fractions(self.importances(view), ratio, opts.a, tokens=tokens, normalize=opts.normalize)
+        return keep_fractions(self.importances(view), ratio, opts.a, tokens=tokens, normalize=opts.normalize,
+                              double=opts.budget == "reference")
 
     def allocate(self, view: ModelView, scores: dict[int, Tensor]) -> list[int]:
         opts: Any = self.options
         keep = self.keep_fractions(view, self.mlp_ratio)
         self.keep = [round(float(k), 6) for k in keep]
         # At high ratios the least important block's share can round to 0 channels; it keeps one.
+        if opts.budget == "reference":
+            return reference_channel_counts(keep, self.dense_width, opts.round_to)
         return [max(1, c) for c in channel_counts(keep, self.dense_width, opts.round_to)]
 
     def allocation_report(self) -> dict[str, Any]:
