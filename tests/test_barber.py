@@ -55,7 +55,7 @@ def first_layer_context(model: torch.nn.Module, ids: torch.Tensor) -> LayerConte
 
 @pytest.mark.parametrize(("family", "kind"), [("llama", "attn"), ("llama", "mlp"), ("mistral", "attn"), ("opt", "mlp")])
 def test_gradient_matches_finite_differences(family: str, kind: str) -> None:
-    """G = mean over batches of (d MSE(y_s, y_d) / d W_dense)^2, checked entry by entry in float64.
+    """G = mean over samples (one per batch here) of (d MSE(y_s, y_d) / d W_dense)^2, checked entry by entry in float64.
 
     Covers a sub-block module run on its recorded kwargs (attention with rotary embeddings and a
     sliding-window mask) and OPT's MLP, replayed through the layer with hooks (no MLP module).

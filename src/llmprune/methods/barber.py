@@ -18,7 +18,15 @@ decoder layer (OPT's fc1/fc2) the layer itself is replayed with hooks: the input
 input linears are replaced by the recorded pruned-path inputs and the forward stops at the output
 linear, so whatever the family computes in between (OPT's activation) runs as the model's own code.
 
-Differences from the reference code (github.com/YupengSu/LLM-Barber), and why:
+Differences from the reference code (github.com/YupengSu/LLM-Barber), and why (all of them, with
+their measured effect and the options that reproduce the released form, ``faithful=true``, in
+docs/faithful.md):
+
+* ``order``: the reference prunes every layer with the initializer first and then rebuilds layer by
+  layer (``order="reference"``); ``order="layer"`` initializes and rebuilds each layer in turn, so a
+  layer's initial mask is calibrated on already rebuilt layers.
+* ``swap_count="exact"``: ``floor(ratio * r)`` in float64, where the reference's ``int(r * ratio)``
+  is a float32 product (``swap_count="float32"``).
 
 * No ``copy.deepcopy`` of the model (the reference holds a dense and a sparse model): the dense
   float32 weights of the current layer are snapshotted before the initializer prunes it, and the

@@ -9,8 +9,9 @@ activation norm alone; ``weight_aware``: the paper's formula normalized over cha
 are then removed physically (:class:`~llmprune.methods.structured.ChannelMethod`).
 
 Defaults, and why (measured on SmolLM2-135M, ``benchmarks/results/structured.json``):
-``score="weight_aware"`` and ``normalize="per_token"``. The released code's exact behaviour is
-``score="faithful", normalize="reference"``. In a first exploration (32 x 256 C4 calibration,
+``score="weight_aware"`` and ``normalize="per_token"``. The released code's behaviour is
+``faithful=true`` (``score="faithful", normalize="reference", budget="reference"``: its per-layer
+count ``int(n * keep) + 1`` and its rounding; docs/faithful.md lists what remains different). In a first exploration (32 x 256 C4 calibration,
 WikiText-2 at 8 x 512) at 20% / 30% of MLP channels the released form gave 45.95 / 60.64, the
 weight-aware score 44.80 / 61.57, per-token allocation with the faithful score 44.65 / 55.58 and
 both 42.78 / 53.02 (FLAP 44.40 / 63.36, Wanda-SP 49.92 / 72.95). The reference allocation divides a
