@@ -37,13 +37,13 @@ PROTOCOL = {"model": "smollm2-135m", "calib": {"dataset": "c4", "nsamples": 16, 
 BARBER = {"init": "wanda", "granularity": "output", "ratio": 0.01, "score": "WD"}
 FAST = [("wanda", 0.5, {}), ("sparsegpt", 0.5, {}), ("cfsp", 0.2, {}), ("flap", 0.2, {})]
 GROUPS: dict[str, list[tuple[str, str, float, dict[str, Any]]]] = {  # (label, method, sparsity, options)
-    # every method at its default and with method.faithful=true, then Barber's two orders (our other
-    # defaults), then Barber faithful (order=reference and the float32 swap count), slowest last
-    "all": [(f"{name} {tag}", name, sparsity, {**extra, **({"faithful": True} if tag == "faithful" else {})})
-            for name, sparsity, extra in FAST for tag in ("default", "faithful")]
-    + [("barber order=layer", "barber", 0.5, {**BARBER, "order": "layer"}),
-       ("barber order=reference", "barber", 0.5, {**BARBER, "order": "reference"}),
-       ("barber faithful", "barber", 0.5, {**BARBER, "faithful": True})],
+    # Barber's two orders (our other defaults), every method at its default and with
+    # method.faithful=true, then Barber faithful (order=reference and the float32 swap count)
+    "all": [("barber order=layer", "barber", 0.5, {**BARBER, "order": "layer"}),
+            ("barber order=reference", "barber", 0.5, {**BARBER, "order": "reference"})]
+    + [(f"{name} {tag}", name, sparsity, {**extra, **({"faithful": True} if tag == "faithful" else {})})
+       for name, sparsity, extra in FAST for tag in ("default", "faithful")]
+    + [("barber faithful", "barber", 0.5, {**BARBER, "faithful": True})],
 }
 
 def main() -> None:
