@@ -55,7 +55,7 @@ def first_layer_context(model: torch.nn.Module, ids: torch.Tensor) -> LayerConte
 
 @pytest.mark.parametrize(("family", "kind"), [("llama", "attn"), ("llama", "mlp"), ("mistral", "attn"), ("opt", "mlp")])
 def test_gradient_matches_finite_differences(family: str, kind: str) -> None:
-    """G = mean over batches of (d MSE(y_s, y_d) / d W_dense)^2, checked entry by entry in float64.
+    """G = mean over samples (one per batch here) of (d MSE(y_s, y_d) / d W_dense)^2, checked entry by entry in float64.
 
     Covers a sub-block module run on its recorded kwargs (attention with rotary embeddings and a
     sliding-window mask) and OPT's MLP, replayed through the layer with hooks (no MLP module).
@@ -96,14 +96,88 @@ def test_gradient_matches_finite_differences(family: str, kind: str) -> None:
                 assert got == pytest.approx(expected, rel=1e-5, abs=1e-14), (name, i)
 
 
-def test_running_mean_weights_batches_by_samples() -> None:
+def test_running_mean_is_over_samples_not_batches() -> None:
+    """A batch of three samples counts as three: G is the mean of each sample's squared gradient."""
     w = torch.tensor([[2.0]])
-    targets = [torch.tensor([[1.0]]), torch.tensor([[0.0]])]
-    inputs = [torch.tensor([[1.0]]), torch.tensor([[3.0]])]
+    inputs = [torch.tensor([[1.0]]), torch.tensor([[3.0], [1.0], [-2.0]])]
+    targets = [torch.tensor([[1.0]]), torch.tensor([[0.0], [1.0], [0.5]])]
     grad_sq, _, _ = dense_grad_sq(lambda b: inputs[b] @ w.t(), targets, {"w": w}, [1, 3])
-    g = [2 * (2 * 1 - 1) * 1, 2 * (2 * 3 - 0) * 3]  # d/dw (w x - t)^2 = 2 (w x - t) x
-    assert float(grad_sq["w"]) == pytest.approx((1 * g[0] ** 2 + 3 * g[1] ** 2) / 4)
+    xs, ts = [1.0, 3.0, 1.0, -2.0], [1.0, 0.0, 1.0, 0.5]
+    g = [2 * (2 * x - t) * x for x, t in zip(xs, ts, strict=True)]  # d/dw (w x - t)^2 = 2 (w x - t) x
+    assert float(grad_sq["w"]) == pytest.approx(sum(v * v for v in g) / 4)
     assert not w.requires_grad
+
+
+def randomly_pruned(family: str) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
+    """A float64 tiny model whose first layer is pruned at random, and that layer's dense weights."""
+    model = tiny_model(family).double()
+    layer = model_view(model).layers[0]
+    dense = {name: p.detach().clone() for name, p in layer.module.named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for lin in layer.linears.values():
+            lin.weight.masked_fill_(torch.rand(lin.weight.shape, generator=gen) < 0.5, 0.0)
+    return model, dense
+
+
+def dense_params(block: SubBlock, dense: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The dense weights keyed as :meth:`SubBlock.snapshot` keys them (float64 copies)."""
+    live = block.snapshot(torch.float64)
+    prefix = "" if block.replay else next(n for n, m in block.layer.module.named_modules() if m is block.runner) + "."
+    return {name: dense[prefix + name].clone() for name in live}
+
+
+def per_sample_grad_sq(family: str, ids: torch.Tensor, kind: str) -> dict[str, torch.Tensor]:
+    """An independent G: one sample at a time, torch.autograd.grad, squares averaged at the end."""
+    model, dense_layer = randomly_pruned(family)
+    ctx = first_layer_context(model, ids)
+    block = SubBlock.find(ctx.layer, kind)
+    dense = dense_params(block, dense_layer)
+    records = _Records(ctx, block, keep=True)
+    weights = {name: dense[f"{block.rel[name]}.weight"].requires_grad_(True) for name in block.linears}
+    squares: dict[str, list[torch.Tensor]] = {name: [] for name in weights}
+    for b, target in enumerate(records.targets()):
+        loss = F.mse_loss(records.run(b, dense, torch.float64), target.double())
+        for name, g in zip(weights, torch.autograd.grad(loss, list(weights.values())), strict=True):
+            squares[name].append(g.pow(2))
+    return {name: torch.stack(sq).mean(dim=0) for name, sq in squares.items()}
+
+
+@pytest.mark.parametrize(("family", "kind"), [("llama", "attn"), ("llama", "mlp"), ("opt", "mlp")])
+@pytest.mark.parametrize("batch_size", [1, 3, 6])
+def test_grad_sq_is_the_per_sample_mean_at_any_batch_size(family: str, kind: str, batch_size: int) -> None:
+    ids = calib(n=6, seqlen=10)
+    expected = per_sample_grad_sq(family, ids, kind)
+    assert all(float(g.max()) > 0 for g in expected.values())
+    model, dense_layer = randomly_pruned(family)
+    view = model_view(model)
+    with calibration_mode(model):
+        inputs = capture_layer_inputs(model, view.layer_list, list(ids.split(batch_size)), device=CPU, cache_device=CPU)
+    ctx = LayerContext(view.layers[0], CPU, CPU, inputs.hidden, inputs.args[0], inputs.kwargs[0])
+    block = SubBlock.find(ctx.layer, kind)
+    dense = dense_params(block, dense_layer)
+    records = _Records(ctx, block, keep=True)
+    weights = {name: dense[f"{block.rel[name]}.weight"] for name in block.linears}
+    grad_sq, _, _ = dense_grad_sq(lambda b: records.run(b, dense, torch.float64), records.targets(), weights,
+                                  [records.samples(b) for b in range(ctx.num_batches)])
+    for name in weights:
+        torch.testing.assert_close(grad_sq[name], expected[name], rtol=1e-9, atol=1e-12 * float(expected[name].max()))
+
+
+@pytest.mark.parametrize("family", ["llama", "opt"])
+def test_masks_do_not_depend_on_the_batch_size(family: str) -> None:
+    ids = calib(n=6, seqlen=16)
+    masks = []
+    for batch_size in (1, 3, 6):
+        model = tiny_model(family)
+        view = model_view(model)
+        method = Barber(UNSTRUCTURED, BarberOptions(init="wanda", ratio=0.3))
+        method.validate(view)
+        run_layerwise(view, method, ids, device=CPU, batch_size=batch_size)
+        masks.append({k: w == 0 for k, w in weights_of(model).items()})
+    for other in masks[1:]:
+        for key, mask in masks[0].items():
+            assert int((mask != other[key]).sum()) == 0, key
 
 
 def test_gradient_of_every_weight_is_required() -> None:
@@ -454,3 +528,39 @@ def test_nm_rule_auto_is_the_papers_rule_at_output_and_paired_at_layer_and_block
     assert any(not torch.equal(pa, pd) for pa, pd in zip(a.parameters(), tiny_model("llama").parameters(), strict=True))
     for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
+
+
+# ---------------------------------------------------------------- method.order
+
+
+def test_reference_order_initializes_every_layer_before_rebuilding() -> None:
+    """order=reference equals the initializer over the whole model followed by the rebuild of each layer
+    from the dense weights, which here is checked by hand: the init pass alone gives the initializer's
+    model, and the rebuild pass only changes the masks by the reported swaps."""
+    ids = calib()
+    init_model = tiny_model("llama")
+    prune(init_model, Wanda(UNSTRUCTURED, WandaOptions()), ids)
+    init_masks = {k: w == 0 for k, w in weights_of(init_model).items()}
+
+    model = tiny_model("llama")
+    reports = prune(model, Barber(UNSTRUCTURED, BarberOptions(init="wanda", ratio=0.3, order="reference")), ids)
+    layered = tiny_model("llama")
+    prune(layered, Barber(UNSTRUCTURED, BarberOptions(init="wanda", ratio=0.3, order="layer")), ids)
+    dense = weights_of(tiny_model("llama"))
+    for report in reports:
+        for name, swaps in report["swaps"].items():
+            key = f"{report['layer']}.{name}"
+            mask = model_view(model).layers[report["layer"]].linears[name].weight == 0
+            assert int((init_masks[key] & ~mask).sum()) == swaps  # grown = pruned back, counted from the init mask
+            assert torch.equal(model_view(model).layers[report["layer"]].linears[name].weight[~mask], dense[key][~mask])
+    # layer 0 sees the same inputs in both orders; later layers' initial masks differ
+    got, other = weights_of(model), weights_of(layered)
+    assert all(torch.equal(got[k], other[k]) for k in got if k.startswith("0."))
+    assert any(not torch.equal(got[k], other[k]) for k in got if not k.startswith("0."))
+
+
+def test_order_on_a_method_without_initializer_is_refused(calib_file: Path) -> None:
+    with pytest.raises(LLMPruneError, match="method.order.*no initializer"):
+        llmprune.prune(tiny_model("llama"), tokenizer=ByteTokenizer(), method="wanda", sparsity=0.5,
+                       calib_dataset=str(calib_file), nsamples=2, seqlen=16,
+                       method_options={"order": "reference"})

@@ -9,10 +9,10 @@ import pytest
 from llmprune.api import resolve_method
 from llmprune.recipe import load_recipe
 
-RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("**/*.yaml"))
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
+@pytest.mark.parametrize("path", RECIPES, ids=[p.parent.name + "/" + p.name for p in RECIPES])
 def test_recipe_is_valid(path: Path) -> None:
     assert path.read_text().startswith("# llmprune prune --recipe")
     recipe = load_recipe(path)

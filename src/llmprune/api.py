@@ -110,6 +110,9 @@ def resolve_method(recipe: Recipe) -> tuple[Method, Pattern]:
         raise LLMPruneError(f"{flags} shape the widths of structured methods ({structured}); {cls.name} zeroes "
                             f"individual weights and never changes a shape, so there is nothing to make uniform "
                             f"or round")
+    if "order" in recipe.method.options and "order" not in cls.Options.model_fields:
+        raise LLMPruneError(f"method.order chooses when an initializer prunes (method barber's init); method "
+                            f"{cls.name} has no initializer, so drop method.order")
     try:
         options = cls.Options(**recipe.method.options)
     except ValidationError as exc:
@@ -299,6 +302,8 @@ def _stream_unsupported(plan: _Plan) -> list[str]:
     if not _streamable(type(method)):
         reasons.append(f"method {method.name} needs all layers before it removes anything (streaming supports "
                        f"{', '.join(streamable_methods())})")
+    if method.initial_pass() is not None:
+        reasons.append(f"method {method.name} with order=reference initializes every layer before rebuilding any")
     if rec.eval.datasets or rec.eval.tasks:
         reasons.append("evaluation during a streamed prune is not supported; evaluate the output folder with "
                        "llmprune eval")

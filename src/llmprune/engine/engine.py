@@ -366,6 +366,13 @@ def run_layerwise(
     page faults of fresh ``mmap`` allocations.
     """
     cache_device = cache_device or device
+    first = method.initial_pass()
+    if first is not None:  # e.g. every layer pruned by Barber's initializer before any is rebuilt
+        if store is not None and type(store) is not LayerStore:
+            raise LLMPruneError(f"method {method.name} runs {first.name} over every layer first, which a streamed "
+                                f"run (one layer at a time) cannot do; prune in memory (model.stream=off)")
+        run_layerwise(view, first, calib_ids, device=device, cache_device=cache_device, batch_size=batch_size,
+                      progress=progress, extra_devices=extra_devices)
     store = store or LayerStore()
     model = view.model
     reports: list[dict[str, Any]] = [dict(r) for r in store.reports]

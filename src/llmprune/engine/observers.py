@@ -8,6 +8,8 @@ moments over calibration tokens (FLAP's fluctuation and bias compensation).
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,10 @@ class InputStats:
             torch.zeros(in_features, in_features, dtype=STATS_DTYPE, device=device) if hessian else None
         )
         self.nonfinite = False
+        # FLAP's fluctuation as the released add_batch computes it, one sample at a time
+        # (``fluctuation``); None once merged from several devices (the running order is lost).
+        self._flap: list[Any] | None = [0, torch.zeros(in_features, dtype=STATS_DTYPE, device=device),
+                                        torch.zeros(in_features, dtype=STATS_DTYPE, device=device)] if moments else None
 
     @property
     def sq_norm(self) -> Tensor:
@@ -53,6 +59,28 @@ class InputStats:
         sq = self.sq_norm.double()
         return ((sq - self._sum.pow(2) / n) / (n - 1)).clamp_min(0.0).to(STATS_DTYPE)
 
+    @property
+    def fluctuation(self) -> Tensor:
+        """(in_features,) FLAP's fluctuation as its released ``add_batch`` computes it: a running mean
+        updated in place, which the update reads as the *old* mean too (the two are one tensor), so
+        after N samples it is (1/(N-1)) sum over samples k>=2 of (k-1)/k * sum_t (x_kt - m_k)^2, m_k
+        the running mean after sample k: the first sample's deviations never count."""
+        if self._flap is None:
+            raise RuntimeError("the reference fluctuation needs moments gathered on one device, sample by sample")
+        return self._flap[2].clone()
+
+    def _flap_sample(self, x: Tensor) -> None:
+        """One sample's tokens (tokens, in_features) into the reference's running fluctuation."""
+        assert self._flap is not None
+        n, mean, fluc = self._flap
+        x = x.to(STATS_DTYPE)
+        mean.mul_(n / (n + 1)).add_(x.mean(dim=0) / (n + 1))
+        if n == 0:
+            fluc.zero_()
+        else:
+            fluc.mul_((n - 1) / n).add_((x - mean).pow(2).sum(dim=0) / (n + 1))
+        self._flap[0] = n + 1
+
     def update(self, x: Tensor) -> None:
         """Add the tokens of ``x`` (..., in_features), a few rows at a time.
 
@@ -60,10 +88,14 @@ class InputStats:
         float32 copies of the whole input: for the MLP down projection of a 7B layer with 8 x 512
         tokens those were 2 x 180 MB, allocated and freed for every linear of every layer.
         """
+        samples = x.detach().reshape(-1, x.shape[-2] if x.dim() > 2 else x.shape[0], self.in_features)
         x = x.detach().reshape(-1, self.in_features)
         if not all_finite(x):
             self.nonfinite = True
             return
+        if self._flap is not None:
+            for sample in samples:
+                self._flap_sample(sample)
         self.tokens += x.shape[0]
         for chunk in x.split(max(1, _CHUNK_ELEMENTS // self.in_features)):
             chunk = chunk.to(STATS_DTYPE)
@@ -89,6 +121,7 @@ class InputStats:
                 other._sum is None) != (self._sum is None):
             raise ValueError("merged statistics must be of the same linear and kind")
         self.tokens += other.tokens
+        self._flap = None
         self.nonfinite = self.nonfinite or other.nonfinite
         dev = self._sq_norm.device
         self._sq_norm.add_(other._sq_norm.to(dev))

@@ -5,8 +5,8 @@ for each decoder layer, the initializer prunes every linear, then, first for the
 and then for the MLP sub-block (its input taken after the rebuilt attention):
 
 1. run the pruned sub-block (output y_s) and a float32 copy of its dense weights (y_d) on the same
-   pruned-path input; loss = MSE(y_s, y_d); G = running mean over calibration batches of the
-   squared gradient of the loss w.r.t. the dense weights (one backward per batch);
+   pruned-path input; loss = MSE(y_s, y_d) per sample; G = running mean over calibration samples
+   of the squared gradient of each sample's loss w.r.t. the dense weights;
 2. score S = |W_dense| * sqrt(G) ("WD"; "W" = |W_dense|, "D" = sqrt(G));
 3. rebuild the masks with :func:`llmprune.sparsity.rebuild.rebuild_mask` (swap rule, granularity);
 4. kept weights take their dense values (or keep the initializer's, ``retain_reconstruction``);
@@ -18,7 +18,15 @@ decoder layer (OPT's fc1/fc2) the layer itself is replayed with hooks: the input
 input linears are replaced by the recorded pruned-path inputs and the forward stops at the output
 linear, so whatever the family computes in between (OPT's activation) runs as the model's own code.
 
-Differences from the reference code (github.com/YupengSu/LLM-Barber), and why:
+Differences from the reference code (github.com/YupengSu/LLM-Barber), and why (all of them, with
+their measured effect and the options that reproduce the released form, ``faithful=true``, in
+docs/faithful.md):
+
+* ``order``: the reference prunes every layer with the initializer first and then rebuilds layer by
+  layer (``order="reference"``); ``order="layer"`` initializes and rebuilds each layer in turn, so a
+  layer's initial mask is calibrated on already rebuilt layers.
+* ``swap_count="exact"``: ``floor(ratio * r)`` in float64, where the reference's ``int(r * ratio)``
+  is a float32 product (``swap_count="float32"``).
 
 * No ``copy.deepcopy`` of the model (the reference holds a dense and a sparse model): the dense
   float32 weights of the current layer are snapshotted before the initializer prunes it, and the
@@ -31,9 +39,9 @@ Differences from the reference code (github.com/YupengSu/LLM-Barber), and why:
   batch as they are spent.
 * Every keyword argument the model passes (rotary embeddings, per-layer sliding-window masks) is
   recorded and replayed; the reference passes only ``attention_mask``/``position_ids`` (4.44 era).
-* The gradient is taken with ``torch.autograd.grad`` w.r.t. the linear weights only (not biases,
-  norms or the input), one backward per calibration batch; the running mean weights each batch by
-  its number of samples (the reference: batch size 1, identical).
+* The gradient is taken w.r.t. the linear weights only (not biases, norms or the input); G is the
+  running mean over samples of each sample's squared gradient, as in the reference, at any
+  ``calib.batch_size`` (a batch runs forward once, then backward once per sample).
 * Exact swap counts by rank, N:M beyond 2:4 and for layer/block granularity (see ``rebuild.py``).
 * The layer's last forward (the next layer's inputs) takes the rebuilt attention's outputs recorded
   in the MLP's capture instead of recomputing them (:func:`_replayed`; bit-identical, tested).
@@ -96,8 +104,8 @@ from ..models.view import DecoderLayer, ModelView
 from ..sparsity.exact_solver import masked_least_squares
 from ..sparsity.obs_solver import sparsegpt_prune_stacked
 from ..sparsity.patterns import Pattern
-from ..sparsity.rebuild import NM_GRANULARITIES, rebuild_mask
-from . import magnitude, sparsegpt, wanda  # noqa: F401  (the initializers must be registered)
+from ..sparsity.rebuild import NM_GRANULARITIES, counting, rebuild_mask
+from . import faithful, magnitude, sparsegpt, wanda  # noqa: F401  (the initializers must be registered)
 from .base import METHODS, Method, MethodOptions, zero_fraction
 
 log = logging.getLogger(__name__)
@@ -125,6 +133,15 @@ class BarberOptions(MethodOptions):
         "solve per output row for its kept weights (never a larger calibration error; O(rows * k^3))")
     guard: bool = Field(False, description="keep the initializer's sub-block when rebuilding raises its calibration "
                         "reconstruction error (an llmprune extension)")
+    order: Literal["reference", "layer"] = Field(
+        "layer", description="reference = the initializer prunes every layer first, then each layer is rebuilt "
+        "(the released main.py; keeps a float32 copy of every layer's dense linears); layer = each layer is "
+        "initialized then rebuilt before the next, so its initial mask is calibrated on rebuilt layers")
+    swap_count: Literal["exact", "float32"] = Field(
+        "exact", description="swaps applied of r beneficial ones: exact = floor(ratio * r) in float64; float32 = "
+        "int(r * ratio) as the released code computes it (an int64 tensor times a float: a float32 product)")
+    faithful: bool = Field(False, description="the released code (YupengSu/LLM-Barber 6f5ca4e): order=reference, "
+                           "swap_count=float32, no extension (guard, reconstruct), the initializer's own faithful form")
     scope: Literal["row", "matrix"] = Field("row", description="sparsity scope of the initializer "
                                             "(default: the initializer's own default)")
 
@@ -145,6 +162,12 @@ class BarberOptions(MethodOptions):
 
     @model_validator(mode="before")
     @classmethod
+    def _faithful(cls, data: Any) -> Any:
+        return faithful.apply(data, "barber", {"order": "reference", "swap_count": "float32", "guard": False,
+                                               "reconstruct": False})
+
+    @model_validator(mode="before")
+    @classmethod
     def _initializer_scope(cls, data: Any) -> Any:
         if isinstance(data, dict) and data.get("scope") is None:
             init = data.get("init", "wanda")
@@ -152,6 +175,27 @@ class BarberOptions(MethodOptions):
                 field = METHODS.get(init).Options.model_fields.get("scope")
                 data = {**data, "scope": field.default if field is not None else "row"}
         return data
+
+
+class _InitPass(Method):
+    """``order="reference"``: the initializer over every layer, before Barber's own pass. It keeps
+    each layer's dense float32 sub-block weights (on the cache device) and the initializer's report
+    for Barber's rebuild of that layer."""
+
+    needs_calibration = True
+
+    def __init__(self, barber: Barber) -> None:
+        super().__init__(barber.pattern, barber.base.options)
+        self.barber = barber
+        self.name = f"{barber.base.name} (barber init)"  # type: ignore[misc]
+        self.stats = barber.base.stats  # type: ignore[misc]
+
+    def prune_layer(self, ctx: Any) -> dict[str, Any]:
+        blocks = [SubBlock.find(ctx.layer, kind) for kind in _KINDS]
+        self.barber.dense[ctx.layer.index] = [move_to(block.snapshot(), ctx.cache_device) for block in blocks]
+        report = self.barber.base.prune_layer(ctx)
+        self.barber.init_reports[ctx.layer.index] = report
+        return report
 
 
 class _Stop(Exception):
@@ -417,12 +461,17 @@ def dense_grad_sq(
     with_grad: bool = True,
     store: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[dict[str, Tensor], list[Tensor], float]:
-    """Running mean over batches of the squared gradient of MSE(y_s, y_d) w.r.t. ``weights``.
+    """Running mean over calibration *samples* of the squared gradient of each sample's
+    MSE(y_s, y_d) w.r.t. ``weights`` (the reference's G, whatever the batch size).
 
     run_dense(b): y_d of batch ``b``, computed from the leaf tensors in ``weights``; targets: y_s
     per batch, in order (may be produced lazily: batch ``b``'s target is asked for just before
-    ``run_dense(b)``). Each batch's g^2 is weighted by its sample count. Returns (G per weight,
-    ``store(y_d, y_s)`` per batch (default: y_d detached), mean squared error over all elements).
+    ``run_dense(b)``); samples[b]: batch ``b``'s sample count (its outermost dimension). A batch of
+    several samples runs forward once and backward once per sample on the retained graph, so each
+    sample's gradient is squared on its own (the square of a batch's mean gradient is not the mean
+    of the squares: at 3-6 samples per batch G differed by 59-90%); memory stays one batch's graph
+    and one weight's gradient. Returns (G per weight, ``store(y_d, y_s)`` per batch (default: y_d
+    detached), mean squared error over all elements).
     """
     grad_sq = {name: torch.zeros_like(w) for name, w in weights.items()} if with_grad else {}
     dense_out: list[Tensor] = []
@@ -447,18 +496,25 @@ def dense_grad_sq(
             handles.append(leaf.register_post_accumulate_grad_hook(fold(name)))
     try:
         for b, target in enumerate(targets):
-            seen += samples[b]
-            decay.update(keep=(seen - samples[b]) / seen, add=samples[b] / seen)
-            folded.clear()
+            n = samples[b]
             with torch.set_grad_enabled(with_grad):
                 y_d = run_dense(b)
                 y_s = target.to(y_d.device, y_d.dtype)
                 loss = F.mse_loss(y_d, y_s)
-                if with_grad:
+                if with_grad and n == 1:
+                    seen += 1
+                    decay.update(keep=(seen - 1) / seen, add=1 / seen)
+                    folded.clear()
                     loss.backward()
-            if with_grad and sorted(folded) != sorted(weights):
-                raise RuntimeError(f"barber: the dense sub-block's output does not depend on "
-                                   f"{sorted(set(weights) - set(folded))}")
+                    _check_folded(folded, weights)
+                elif with_grad:  # one backward per sample through the batch's retained graph
+                    per_sample_d, per_sample_s = y_d.reshape(n, -1), y_s.reshape(n, -1)
+                    for k in range(n):
+                        seen += 1
+                        decay.update(keep=(seen - 1) / seen, add=1 / seen)
+                        folded.clear()
+                        F.mse_loss(per_sample_d[k], per_sample_s[k]).backward(retain_graph=k < n - 1)
+                        _check_folded(folded, weights)
             sse += float(loss.detach()) * y_d.numel()
             numel += y_d.numel()
             dense_out.append(store(y_d.detach(), target) if store is not None else y_d.detach())
@@ -469,6 +525,12 @@ def dense_grad_sq(
             leaf.requires_grad_(False)
             leaf.grad = None
     return grad_sq, dense_out, sse / max(numel, 1)
+
+
+def _check_folded(folded: list[str], weights: dict[str, Tensor]) -> None:
+    if sorted(folded) != sorted(weights):
+        raise RuntimeError(f"barber: the dense sub-block's output does not depend on "
+                           f"{sorted(set(weights) - set(folded))}")
 
 
 @METHODS.register("barber")
@@ -494,7 +556,10 @@ class Barber(Method):
                 f"use granularity {', '.join(repr(g) for g in NM_GRANULARITIES)}")
         base_cls = METHODS.get(options.init)
         base_fields = base_cls.Options.model_fields
-        self.base = base_cls(pattern, base_cls.Options(**({"scope": pattern.scope} if "scope" in base_fields else {})))
+        base_opts: dict[str, Any] = {"scope": pattern.scope} if "scope" in base_fields else {}
+        if options.faithful and "faithful" in base_fields:
+            base_opts = {"faithful": True}  # e.g. SparseGPT's reference block count (its scope is then fixed)
+        self.base = base_cls(pattern, base_cls.Options(**base_opts))
         if options.reconstruct and options.retain_reconstruction:
             raise LLMPruneError("barber options reconstruct and retain_reconstruction exclude each other: reconstruct "
                                 "re-solves every kept weight from the dense ones; give only one of them")
@@ -504,6 +569,14 @@ class Barber(Method):
         # reconstruct needs each linear's X^T X; the initializers read their own statistics from it
         # (Wanda's ||X_j||^2 is its diagonal).
         self.stats = "hessian" if options.reconstruct else base_cls.stats  # type: ignore[misc]
+        if options.order == "reference" and not options.reconstruct:
+            self.stats = None  # type: ignore[misc]  # the initializer observed its own in its pass
+        # order="reference": what the initializer's pass left for each layer (see _InitPass)
+        self.dense: dict[int, list[dict[str, Tensor]]] = {}
+        self.init_reports: dict[int, dict[str, Any]] = {}
+
+    def initial_pass(self) -> Method | None:
+        return _InitPass(self) if self.opts.order == "reference" else None
 
     def validate(self, view: ModelView) -> None:
         super().validate(view)
@@ -528,8 +601,14 @@ class Barber(Method):
 
     def prune_layer(self, ctx: Any) -> dict[str, Any]:
         blocks = [SubBlock.find(ctx.layer, kind) for kind in _KINDS]
-        dense = [block.snapshot() for block in blocks]  # before the initializer touches the layer
-        init_report = self.base.prune_layer(ctx)
+        if self.opts.order == "reference":  # the initializer's pass pruned every layer already
+            if ctx.layer.index not in self.dense:
+                raise RuntimeError(f"barber order=reference: layer {ctx.layer.index} was not initialized first")
+            dense = [move_to(p, ctx.device) for p in self.dense.pop(ctx.layer.index)]
+            init_report = self.init_reports.pop(ctx.layer.index)
+        else:
+            dense = [block.snapshot() for block in blocks]  # before the initializer touches the layer
+            init_report = self.base.prune_layer(ctx)
         swaps: dict[str, int] = {}
         reconstruction: dict[str, dict[str, float]] = {}
         pending: tuple[str, _ErrorAfter] | None = None  # a rebuilt sub-block whose error the next pass measures
@@ -627,6 +706,15 @@ class Barber(Method):
             del magnitude_score
             if not torch.isfinite(scores[name]).all():
                 raise LLMPruneError(f"layer {ctx.layer.index} {name}: non-finite barber scores (gradients overflow)")
+        with counting(opts.swap_count):
+            new_masks = self._rebuilt_masks(linears, old_masks, scores)
+        del scores
+        return self._apply(ctx, block, records, defer, linears, weights, old_masks, kept_values, new_masks,
+                           dense_out, mse_before)
+
+    def _rebuilt_masks(self, linears: dict[str, nn.Linear], old_masks: dict[str, Tensor],
+                       scores: dict[str, Tensor]) -> dict[str, Tensor]:
+        opts = self.opts
         names = list(linears)
         m = self.pattern.m if self.pattern.is_nm else None
         if opts.granularity == "block":
@@ -636,7 +724,14 @@ class Barber(Method):
         else:
             new_masks = {n: rebuild_mask(old_masks[n], scores[n], opts.ratio, opts.granularity, m=m, nm_rule=opts.nm_rule)
                          for n in names}
-        del scores
+        return new_masks
+
+    def _apply(self, ctx: Any, block: SubBlock, records: _Records, defer: bool, linears: dict[str, nn.Linear],
+               weights: dict[str, Tensor], old_masks: dict[str, Tensor], kept_values: dict[str, Tensor],
+               new_masks: dict[str, Tensor], dense_out: list[Tensor], mse_before: float,
+               ) -> tuple[dict[str, int], dict[str, float], list[Tensor]]:
+        """Write the rebuilt masks (and values) into the live weights; the error after rebuilding."""
+        opts = self.opts
         swaps = {}
         initial = {name: lin.weight.detach().clone() for name, lin in linears.items()} if opts.guard else None
         with torch.no_grad():

@@ -77,6 +77,11 @@ class Method(ABC):
         """Prune one linear in place from its input statistics; return its fraction of zeros."""
         raise NotImplementedError(f"method {self.name} prunes whole layers (prune_layer), not single linears")
 
+    def initial_pass(self) -> Method | None:
+        """A method the engine runs over every layer before this one (LLM-Barber's initializer with
+        ``order="reference"``); None: none."""
+        return None
+
     def share_statistics(self, other: Method) -> bool:
         """Take over the calibration statistics of ``other`` (a method that ran on the same model
         and calibration data) instead of running the engine; False when this method cannot."""

@@ -9,8 +9,9 @@ activation norm alone; ``weight_aware``: the paper's formula normalized over cha
 are then removed physically (:class:`~llmprune.methods.structured.ChannelMethod`).
 
 Defaults, and why (measured on SmolLM2-135M, ``benchmarks/results/structured.json``):
-``score="weight_aware"`` and ``normalize="per_token"``. The released code's exact behaviour is
-``score="faithful", normalize="reference"``. In a first exploration (32 x 256 C4 calibration,
+``score="weight_aware"`` and ``normalize="per_token"``. The released code's behaviour is
+``faithful=true`` (``score="faithful", normalize="reference", budget="reference"``: its per-layer
+count ``int(n * keep) + 1`` and its rounding; docs/faithful.md lists what remains different). In a first exploration (32 x 256 C4 calibration,
 WikiText-2 at 8 x 512) at 20% / 30% of MLP channels the released form gave 45.95 / 60.64, the
 weight-aware score 44.80 / 61.57, per-token allocation with the faithful score 44.65 / 55.58 and
 both 42.78 / 53.02 (FLAP 44.40 / 63.36, Wanda-SP 49.92 / 72.95). The reference allocation divides a
@@ -26,13 +27,14 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import Tensor
 
 from ..models.surgery import MlpGroup, attn_group
 from ..models.view import ModelView
 from ..sparsity import channels
-from ..sparsity.allocation import Importance, channel_counts, keep_fractions
+from ..sparsity.allocation import Importance, channel_counts, keep_fractions, reference_channel_counts
+from . import faithful
 from .base import METHODS
 from .structured import ChannelMethod, ChannelOptions, LayerChannelStats
 
@@ -51,6 +53,17 @@ class CfspOptions(ChannelOptions):
                              "heads) to remove, allocated by the same block importance; 0 = attention untouched")
     b: float = Field(1.0, description="exponent of ||X_j|| on the output weights")
     c: float = Field(1.0, description="exponent of ||X_j|| on the summed weight terms")
+    budget: Literal["exact", "reference"] = Field(
+        "exact", description="channels per block from its keep fraction: exact = largest remainder, the total "
+        "exact (with round_to: nearest multiple, at least one multiple); reference = as released: int(n * keep) + 1, "
+        "with round_to half up to the multiple and, where that is 0, every channel kept (a reference bug)")
+    faithful: bool = Field(False, description="the released code (wyxscir/CFSP b2d5b13): score=faithful, "
+                           "normalize=reference, budget=reference")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _faithful(cls, data: Any) -> Any:
+        return faithful.apply(data, "cfsp", {"score": "faithful", "normalize": "reference", "budget": "reference"})
 
 
 @METHODS.register("cfsp")
@@ -90,13 +103,16 @@ class Cfsp(ChannelMethod):
         """Per-block keep fractions for ``ratio`` from the coarse block importance (MLP and attention alike)."""
         opts: Any = self.options
         tokens = self.layer_stats[view.layers[0].index].tokens
-        return keep_fractions(self.importances(view), ratio, opts.a, tokens=tokens, normalize=opts.normalize)
+        return keep_fractions(self.importances(view), ratio, opts.a, tokens=tokens, normalize=opts.normalize,
+                              double=opts.budget == "reference")
 
     def allocate(self, view: ModelView, scores: dict[int, Tensor]) -> list[int]:
         opts: Any = self.options
         keep = self.keep_fractions(view, self.mlp_ratio)
         self.keep = [round(float(k), 6) for k in keep]
         # At high ratios the least important block's share can round to 0 channels; it keeps one.
+        if opts.budget == "reference":
+            return reference_channel_counts(keep, self.dense_width, opts.round_to)
         return [max(1, c) for c in channel_counts(keep, self.dense_width, opts.round_to)]
 
     def allocation_report(self) -> dict[str, Any]:

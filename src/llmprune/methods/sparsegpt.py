@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 from torch import nn
 
 from ..sparsity.obs_solver import sparsegpt_prune, sparsegpt_prune_stacked
+from . import faithful
 from .base import METHODS, Method, SequentialOptions, zero_fraction
 
 
@@ -16,6 +17,20 @@ class SparseGPTOptions(SequentialOptions):
     scope: Literal["matrix", "row"] = Field("matrix", description="matrix = per column block, as the reference")
     block_size: int = Field(128, ge=1)
     damp: float = Field(0.01, gt=0, description="dampening as a fraction of the mean Hessian diagonal")
+    block_count: Literal["exact", "reference"] = Field(
+        "exact", description="unstructured: exact = floor(s * size) weights in all (the promised sparsity); "
+        "reference = int(numel * s) + 1 per column block (a threshold then <=, as released)")
+    dead_columns: Literal["keep", "zero"] = Field(
+        "keep", description="weights of always-zero inputs: keep = selected like any other; zero = zeroed first "
+        "(as released; raises sparsity above the target)")
+    faithful: bool = Field(False, description="the released code (IST-DASLab/sparsegpt 147d215): matrix scope, "
+                           "reference block count, dead columns zeroed")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _faithful(cls, data: Any) -> Any:
+        return faithful.apply(data, "sparsegpt", {"scope": "matrix", "block_count": "reference",
+                                                  "dead_columns": "zero", "sequential": "layer"})
 
 
 @METHODS.register("sparsegpt")
@@ -35,7 +50,8 @@ class SparseGPT(Method):
         for names in ctx.shared_input_groups(ctx.layer.linears):
             linears = [ctx.layer.linears[n] for n in names]
             solved = sparsegpt_prune_stacked([lin.weight for lin in linears], ctx.stats[names[0]].hessian,
-                                             self.pattern, block_size=opts.block_size, damp=opts.damp)
+                                             self.pattern, block_size=opts.block_size, damp=opts.damp,
+                                             count=opts.block_count, zero_dead=opts.dead_columns == "zero")
             with torch.no_grad():
                 for lin, (new_weight, _) in zip(linears, solved, strict=True):
                     lin.weight.copy_(new_weight.to(lin.weight.dtype))
@@ -45,7 +61,7 @@ class SparseGPT(Method):
     def prune_linear(self, name: str, linear: nn.Linear, stats: Any) -> float:
         opts: SparseGPTOptions = self.options  # type: ignore[assignment]
         new_weight, _ = sparsegpt_prune(linear.weight, stats.hessian, self.pattern, block_size=opts.block_size,
-                                        damp=opts.damp)
+                                        damp=opts.damp, count=opts.block_count, zero_dead=opts.dead_columns == "zero")
         with torch.no_grad():
             linear.weight.copy_(new_weight.to(linear.weight.dtype))
         return zero_fraction(linear)

@@ -55,6 +55,7 @@ class LayerChannelStats:
     tokens: int
     importance: dict[str, float]  # block importance by metric, summed over tokens
     attn_sq_norm: Tensor | None = None  # (heads * head_dim,) sum of squares of the attention output linear's input
+    fluctuation: Tensor | None = None  # (width,) FLAP's fluctuation as released (InputStats.fluctuation)
 
 
 class ChannelOptions(MethodOptions):
@@ -141,8 +142,10 @@ class ChannelMethod(Method):
                 importance[metric] += block_importance(h_in, h_out, metric)  # type: ignore[arg-type]
         (attn_out,) = ctx.layer.by_role(Role.ATTN_OUT)
         i = ctx.layer.index
+        fluctuation = st.fluctuation.cpu() if st._flap is not None else None
         self.layer_stats[i] = LayerChannelStats(
-            st.sq_norm.cpu(), st.mean.cpu(), st.variance.cpu(), st.tokens, importance, ctx.stats[attn_out].sq_norm.cpu())
+            st.sq_norm.cpu(), st.mean.cpu(), st.variance.cpu(), st.tokens, importance, ctx.stats[attn_out].sq_norm.cpu(),
+            fluctuation)
         self.layer_scores[i] = self.channel_scores(group, self.layer_stats[i]).detach().float().cpu()
         if self.attention_ratio() > 0:
             self.layer_kv_scores[i] = self.kv_group_score(ctx.layer)

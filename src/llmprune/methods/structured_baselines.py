@@ -11,15 +11,20 @@ MLP channels only, like the other methods here, so ``--sparsity`` means the same
 
 from __future__ import annotations
 
+from typing import Any, Literal
+
 import torch
+from pydantic import Field, model_validator
 from torch import Tensor
 
+from ..errors import LLMPruneError
 from ..models.surgery import MlpGroup
 from ..models.view import ModelView
 from ..sparsity import channels
 from ..sparsity.allocation import channel_counts
+from . import faithful
 from .base import METHODS
-from .structured import ChannelMethod, LayerChannelStats
+from .structured import ChannelMethod, ChannelOptions, LayerChannelStats
 
 
 @METHODS.register("magnitude-sp")
@@ -40,20 +45,44 @@ class WandaSP(ChannelMethod):
         return channels.wanda_sp(group.output.weight, stats.sq_norm)
 
 
+class FlapOptions(ChannelOptions):
+    fluctuation: Literal["variance", "reference"] = Field(
+        "variance", description="variance = the unbiased variance of each input over all calibration tokens; "
+        "reference = the released add_batch's running form, in which the first sample never counts")
+    count: Literal["round", "reference"] = Field(
+        "round", description="channels removed over all layers: round = round(n * ratio); reference = "
+        "n - int(n * (1 - ratio)), as released")
+    faithful: bool = Field(False, description="the released code (CASIA-IVA-Lab/FLAP 3bb57db, MLP channels): "
+                           "fluctuation=reference, count=reference")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _faithful(cls, data: Any) -> Any:
+        return faithful.apply(data, "flap", {"fluctuation": "reference", "count": "reference"})
+
+
 @METHODS.register("flap")
 class Flap(ChannelMethod):
     name = "flap"
     summary = "structured: fluctuation x column norm^2, standardized, global threshold, bias compensation (An et al. 2024)"
     adds_out_bias = True
+    Options = FlapOptions
 
     def channel_scores(self, group: MlpGroup, stats: LayerChannelStats) -> Tensor:
+        if getattr(self.options, "fluctuation", "variance") == "reference":
+            if stats.fluctuation is None:
+                raise LLMPruneError("flap fluctuation=reference needs statistics gathered on one device, sample by "
+                                    "sample (run on one device, or use fluctuation=variance)")
+            return channels.flap(group.output.weight, stats.fluctuation)
         return channels.flap(group.output.weight, stats.variance)
 
     def allocate(self, view: ModelView, scores: dict[int, Tensor]) -> list[int]:
         """One threshold over the per-layer standardized scores removes the requested fraction."""
         idx = [layer.index for layer in view.layers]
         z = torch.cat([channels.standardize(scores[i]) for i in idx])
-        remove = int(round(self.mlp_ratio * z.numel()))
+        n = z.numel()
+        reference = getattr(self.options, "count", "round") == "reference"
+        remove = n - int(n * (1.0 - self.mlp_ratio)) if reference else int(round(self.mlp_ratio * n))
         removed = torch.zeros(z.numel(), dtype=torch.bool)
         removed[torch.argsort(z, stable=True)[:remove]] = True
         per_layer = removed.reshape(len(idx), -1).sum(dim=1)

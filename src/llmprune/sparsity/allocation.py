@@ -51,15 +51,16 @@ def block_importance(h_in: Tensor, h_out: Tensor, metric: Importance) -> float:
 
 
 def keep_fractions(importance: Tensor, ratio: float, a: float = 1.0, *, tokens: int | None = None,
-                   normalize: Literal["reference", "per_token"] = "reference") -> Tensor:
+                   normalize: Literal["reference", "per_token"] = "reference", double: bool = False) -> Tensor:
     """Per-block keep fractions whose mean is ``1 - ratio`` (CFSP's sigmoid allocation).
 
     importance: (L,) summed block importances; ``tokens`` is needed for ``normalize="per_token"``.
+    float32 unless ``double`` (the released code's Python floats, for its budget rule).
     """
     if not 0.0 <= ratio < 1.0:
         raise LLMPruneError(f"pruning ratio must be in [0, 1), got {ratio}")
     if ratio == 0.0:
-        return torch.ones(importance.shape, dtype=torch.float32)
+        return torch.ones(importance.shape, dtype=torch.float64 if double else torch.float32)
     imp = importance.double()
     if normalize == "per_token":
         if not tokens:
@@ -74,7 +75,8 @@ def keep_fractions(importance: Tensor, ratio: float, a: float = 1.0, *, tokens: 
         scale = mean * (1.0 / keep_mean - 1.0) / (top - mean) / 1.05
         s = mean + (s - mean) * scale
         mean = s.mean()
-    return (s / mean * keep_mean).float()
+    keep = s / mean * keep_mean
+    return keep if double else keep.float()
 
 
 def channel_counts(keep: Tensor, width: int, round_to: int = 1) -> list[int]:
@@ -96,3 +98,24 @@ def channel_counts(keep: Tensor, width: int, round_to: int = 1) -> list[int]:
             counts[order[:short]] += 1
         return [min(width, int(c)) for c in counts]
     return [int(min(width, max(round_to, round_to * round(float(r) / round_to)))) for r in raw]
+
+
+def reference_channel_counts(keep: Tensor, width: int, round_to: int = 1) -> list[int]:
+    """Channels kept per block as CFSP's released code keeps them (``budget="reference"``).
+
+    It sorts a block's scores in descending order and keeps those ``>=`` the one at index
+    ``int(width * keep)`` (``round_to`` 1): ``int(width * keep) + 1`` channels (capped at the width),
+    not the exact total. With rounding (its ``cuda_friendly``, 128) the index is
+    ``int((width * keep + round_to / 2) / round_to) * round_to - 1``, i.e. round half up to the
+    multiple; where that is 0 the index is -1, the smallest score, and the block keeps *every*
+    channel (a bug of the released code, reproduced here only under this option). Keep fractions
+    are taken in float64 here and in the reference's Python floats alike."""
+    out = []
+    for k in keep.double().tolist():
+        raw = width * k
+        if round_to == 1:
+            out.append(min(width, int(raw) + 1))
+        else:
+            kept = int((raw + round_to / 2) / round_to) * round_to
+            out.append(width if kept == 0 else min(width, kept))
+    return out

@@ -5,12 +5,16 @@ Follows the reference implementation (``sparsegpt.py``, ``SparseGPT.fasterprune`
 ``block_size``, mask chosen per block by w^2 / [H^-1]_jj^2 (adaptive mask selection), and lazy
 batched error propagation to the columns right of the block.
 
-Two differences, both so that the promised sparsity is exact rather than approximate:
+Two differences, both so that the promised sparsity is exact rather than approximate (each can be
+switched to the reference's form, ``count="reference"`` and ``zero_dead=True``: SparseGPT's
+``faithful`` option):
 
 * The count pruned in each block is taken from the cumulative target (``floor(s * end) -
   floor(s * start)``), so the whole matrix (``scope="matrix"``, the reference's behaviour) or
-  each row (``scope="row"``) loses exactly ``floor(s * size)`` weights; the reference thresholds
-  with ``<=`` and can prune more on ties.
+  each row (``scope="row"``) loses exactly ``floor(s * size)`` weights. The reference takes
+  ``thresh = sorted(saliency)[int(numel * s)]`` over the block and prunes ``saliency <= thresh``,
+  i.e. ``int(numel * s) + 1`` weights in every block (more only on ties), so a matrix ends up
+  above its target by about one weight per 128-column block.
 * Columns whose input is always zero ("dead") are not zeroed outright: the reference zeroes them,
   which silently raises sparsity above the target. Their weights never affect the calibration
   output, and they take part in selection like any other column.
@@ -91,6 +95,8 @@ def sparsegpt_prune(
     mask: Tensor | None = None,
     factor: Tensor | None = None,
     overwrite: bool = False,
+    count: str = "exact",
+    zero_dead: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Prune ``weight`` (out, in) given the input Hessian (in, in).
 
@@ -103,13 +109,20 @@ def sparsegpt_prune(
     mask (``pattern`` is not consulted). LLM-Barber's ``reconstruct`` option uses this for its
     rebuilt masks.
 
+    ``count="reference"`` prunes ``saliency <= sorted(saliency)[int(numel * s)]`` per block (unstructured
+    only) and ``zero_dead`` zeroes the columns of always-zero inputs first, as the released code does.
+
     Returns (new_weight float32, prune_mask bool); new_weight is zero exactly where the mask is True.
     """
+    if count not in ("exact", "reference"):
+        raise ValueError(f"count must be exact or reference, got {count!r}")
     w = weight.detach()
     # contiguous: a transposed view (an MoE expert of gpt-oss) would keep its strides through clone()
     w = w if overwrite and w.dtype == torch.float32 and w.is_contiguous() else w.float().clone(
         memory_format=torch.contiguous_format)
     rows, cols = w.shape
+    if zero_dead:
+        w[:, torch.diagonal(hessian).to(w.device) == 0] = 0.0
     if mask is not None:
         if mask.shape != w.shape or mask.dtype != torch.bool:
             raise ValueError(f"mask must be bool of the weight's shape {tuple(w.shape)}, got {mask.dtype} {tuple(mask.shape)}")
@@ -132,15 +145,18 @@ def sparsegpt_prune(
         mask_blk = torch.zeros_like(w_blk, dtype=torch.bool) if mask is None else mask[:, start:end].to(w.device).clone()
         if mask is None and not pattern.is_nm and pattern.sparsity > 0:
             saliency = w_blk**2 / inv_diag.unsqueeze(0) ** 2  # (rows, width)
-            if pattern.scope == "row":
-                count = int(pattern.sparsity * end) - int(pattern.sparsity * start)
-                if count > 0:
-                    idx = torch.sort(saliency, dim=1, stable=True).indices[:, :count]
+            if count == "reference":  # the released code: one threshold over the block, then <=
+                flat = torch.sort(saliency.flatten()).values
+                mask_blk = saliency <= flat[min(int(saliency.numel() * pattern.sparsity), flat.numel() - 1)]
+            elif pattern.scope == "row":
+                k = int(pattern.sparsity * end) - int(pattern.sparsity * start)
+                if k > 0:
+                    idx = torch.sort(saliency, dim=1, stable=True).indices[:, :k]
                     mask_blk.scatter_(1, idx, True)
             else:
-                count = int(pattern.sparsity * (rows * end)) - int(pattern.sparsity * (rows * start))
-                if count > 0:
-                    idx = torch.sort(saliency.flatten(), stable=True).indices[:count]
+                k = int(pattern.sparsity * (rows * end)) - int(pattern.sparsity * (rows * start))
+                if k > 0:
+                    idx = torch.sort(saliency.flatten(), stable=True).indices[:k]
                     mask_blk.view(-1)[idx] = True
 
         with _single_thread_on_cpu(w.device):
@@ -170,6 +186,8 @@ def sparsegpt_prune_stacked(
     block_size: int = 128,
     damp: float = 0.01,
     masks: Sequence[Tensor] | None = None,
+    count: str = "exact",
+    zero_dead: bool = False,
 ) -> Iterator[tuple[Tensor, Tensor]]:
     """:func:`sparsegpt_prune` for several weights with the same input (so the same Hessian: q/k/v,
     gate/up): one (new_weight, prune_mask) per weight, in order.
@@ -181,17 +199,17 @@ def sparsegpt_prune_stacked(
     at a time. Arguments are checked before anything is solved."""
     if masks is not None and len(masks) != len(weights):
         raise ValueError(f"need one mask per weight, got {len(masks)} for {len(weights)}")
-    if len(weights) > 1 and rows_independent(pattern, masks is not None):
+    if len(weights) > 1 and rows_independent(pattern, masks is not None) and count == "exact":
         rows = [int(w.shape[0]) for w in weights]
         stacked = torch.empty(sum(rows), weights[0].shape[1], dtype=torch.float32, device=weights[0].device)
         for part, w in zip(stacked.split(rows), weights, strict=True):  # one float32 copy, worked on in place
             part.copy_(w.detach())
         new_w, prune = sparsegpt_prune(stacked, hessian, pattern, block_size=block_size, damp=damp, overwrite=True,
-                                       mask=None if masks is None else torch.cat(list(masks)))
+                                       mask=None if masks is None else torch.cat(list(masks)), zero_dead=zero_dead)
         return zip(new_w.split(rows), prune.split(rows), strict=True)
     u = inverse_hessian_factor(hessian, damp)  # one factorization for all of them
-    return (sparsegpt_prune(w, hessian, pattern, block_size=block_size, damp=damp, factor=u,
-                            mask=None if masks is None else masks[i]) for i, w in enumerate(weights))
+    return (sparsegpt_prune(w, hessian, pattern, block_size=block_size, damp=damp, factor=u, count=count,
+                            zero_dead=zero_dead, mask=None if masks is None else masks[i]) for i, w in enumerate(weights))
 
 
 def _eliminate_columns(w_blk: Tensor, u_blk: Tensor, err_blk: Tensor, mask_blk: Tensor, pattern: Pattern) -> None:

@@ -40,7 +40,9 @@ Differences from the reference code, and why:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal, overload
 
 import torch
@@ -93,6 +95,32 @@ def _largest(values: Tensor, count: Tensor) -> Tensor:
 CHUNK_ENTRIES = 1 << 22
 
 
+COUNT_MODES = ("exact", "float32")
+_COUNT: ContextVar[str] = ContextVar("llmprune_swap_count", default="exact")
+
+
+@contextmanager
+def counting(mode: str) -> Iterator[None]:
+    """Within the block, swap counts are computed as ``mode`` says (see :func:`swap_count`)."""
+    if mode not in COUNT_MODES:
+        raise LLMPruneError(f"unknown swap count {mode!r}; known: {', '.join(COUNT_MODES)}")
+    token = _COUNT.set(mode)
+    try:
+        yield
+    finally:
+        _COUNT.reset(token)
+
+
+def swap_count(ratio: float, r: Tensor) -> Tensor:
+    """How many of ``r`` (int64) beneficial swaps are applied: ``floor(ratio * r)`` in IEEE double
+    (``exact``), or as the released code computes it (``float32``: an int64 tensor times a Python
+    float is a float32 product, truncated), which is one more at some ratios (r=100 at 0.29: 29
+    against 28) and loses integers above 2^24."""
+    if _COUNT.get() == "float32":
+        return (r.to(torch.int64) * ratio).to(torch.int64)
+    return torch.floor(ratio * r.to(torch.float64)).to(torch.int64)
+
+
 def swap_selection(prune_mask: Tensor, scores: Tensor, ratio: float) -> tuple[Tensor, Tensor, Tensor]:
     """The swap rule applied independently to each row of (groups, size) tensors.
 
@@ -111,7 +139,7 @@ def swap_selection(prune_mask: Tensor, scores: Tensor, ratio: float) -> tuple[Te
 def _swap_selection(prune_mask: Tensor, scores: Tensor, ratio: float) -> tuple[Tensor, Tensor, Tensor]:
     scores = scores.float()
     r = beneficial_swaps(prune_mask, scores)
-    count = torch.floor(ratio * r.to(torch.float64)).to(torch.int64)  # floor(ratio * r), IEEE double
+    count = swap_count(ratio, r)
     grow = _largest(scores.masked_fill(~prune_mask, float("-inf")), count)
     prune = _largest((-scores).masked_fill(prune_mask, float("-inf")), count)
     return grow, prune, r
@@ -166,11 +194,11 @@ def paired_swaps(prune_mask: Tensor, scores: Tensor, ratio: float, m: int, granu
     gain = torch.where(torch.isfinite(best) & torch.isfinite(worst), gain, torch.full_like(gain, float("-inf")))
     beneficial = gain > 0
     if granularity == "output":
-        count = torch.floor(ratio * beneficial.sum(dim=1).to(torch.float64)).to(torch.int64)
+        count = swap_count(ratio, beneficial.sum(dim=1))
         chosen = _largest(gain.masked_fill(~beneficial, float("-inf")), count)
     else:  # one comparison group for the whole matrix
         flat = gain.masked_fill(~beneficial, float("-inf")).reshape(1, -1)
-        count = torch.floor(ratio * beneficial.sum().to(torch.float64)).to(torch.int64).reshape(1)
+        count = swap_count(ratio, beneficial.sum()).reshape(1)
         chosen = _largest(flat, count).reshape(gain.shape)
     grow = torch.zeros_like(mask3).scatter_(-1, best_at.unsqueeze(-1), chosen.unsqueeze(-1))
     prune = torch.zeros_like(mask3).scatter_(-1, worst_at.unsqueeze(-1), chosen.unsqueeze(-1))
