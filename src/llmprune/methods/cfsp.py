@@ -8,7 +8,7 @@ fractions (more important blocks keep more). Fine: inside a block, channels are 
 activation norm alone; ``weight_aware``: the paper's formula normalized over channels). Channels
 are then removed physically (:class:`~llmprune.methods.structured.ChannelMethod`).
 
-Defaults, and why (measured on SmolLM2-135M, ``benchmarks/results/structured.json``):
+Defaults, and why (measured on SmolLM2-135M, ``benchmarks/results/structured/structured.json``):
 ``score="weight_aware"`` and ``normalize="per_token"``. The released code's exact behaviour is
 ``score="faithful", normalize="reference"``. In a first exploration (32 x 256 C4 calibration,
 WikiText-2 at 8 x 512) at 20% / 30% of MLP channels the released form gave 45.95 / 60.64, the
