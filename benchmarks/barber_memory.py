@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--modes", default="memory,stream", help="memory (whole model loaded), stream, or both")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llmprune-bench-barber"))
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "barber_memory.json")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "memory" / "barber_memory.json")
     args = parser.parse_args()
     modes = args.modes.split(",")
     if not set(modes) <= {"memory", "stream"}:

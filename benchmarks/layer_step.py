@@ -92,7 +92,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--src", action="append", default=[], help="another checkout's src folder to measure too")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "layer_step.json")
+    parser.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "streaming" / "layer_step.json")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

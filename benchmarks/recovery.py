@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("--eval-seqlen", type=int, default=1024)
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--work", default=str(REPO / "runs" / "bench-recovery"), help="scratch folder for checkpoints")
-    ap.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "recovery.json"))
+    ap.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "recovery" / "recovery.json"))
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
 

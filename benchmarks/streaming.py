@@ -106,7 +106,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/llmprune-bench"))
     parser.add_argument("--keep", action="store_true", help="keep the model and the pruned output")
-    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "streaming.json")
+    parser.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results" / "streaming" / "streaming.json")
     parser.add_argument("--floor", action="store_true", help=argparse.SUPPRESS)  # internal: the floor process
     args = parser.parse_args()
 

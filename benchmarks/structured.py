@@ -110,7 +110,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--no-speed", action="store_true")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "structured.json"))
+    ap.add_argument("--output", default=str(REPO / "benchmarks" / "results" / "structured" / "structured.json"))
     ap.add_argument("--resume", action="store_true")
     args = ap.parse_args()
 

@@ -162,7 +162,7 @@ def main() -> None:
     ap.add_argument("--peer-methods", default="wanda,sparsegpt", help="llm-compressor runs beside ours")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-python", type=Path, default=REPO / ".venv-peer" / "bin" / "python")
-    ap.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "unstructured.json")
+    ap.add_argument("--output", type=Path, default=REPO / "benchmarks" / "results" / "unstructured" / "unstructured.json")
     ap.add_argument("--workdir", type=Path, default=None, help="where pruned models go (default: a temp dir)")
     ap.add_argument("--resume", action="store_true", help="keep the runs already in --output (same protocol) and do the rest")
     args = ap.parse_args()

@@ -60,7 +60,7 @@ Wanda or magnitude mask without any. With ``reconstruct`` every linear's kept we
 re-solved from its dense weights for the rebuilt mask by SparseGPT's column-by-column OBS updates
 (:func:`llmprune.sparsity.obs_solver.sparsegpt_prune` with a fixed mask; the input Hessian X^T X
 that the engine then collects for every initializer). At ratio 0 over SparseGPT this is SparseGPT
-itself, bit for bit (tested). Measured on SmolLM2 (``benchmarks/results/barber_reconstruct.json``:
+itself, bit for bit (tested). Measured on SmolLM2 (``benchmarks/results/barber/barber_reconstruct.json``:
 C4 32 x 256 calibration, WikiText-2 16 x 2048): 50% over SparseGPT at layer granularity, ratio 0.1:
 39.57 against SparseGPT's 44.41 (llm-compressor's 43.31); 2:4 over SparseGPT, output granularity,
 paired rule, ratio 0.01: 82.12 against 83.62 (llm-compressor's 86.51). At 2:4 only a few swaps
@@ -72,7 +72,7 @@ compensate for weights pruned to their right. For the same mask its calibration 
 larger (tested). It runs preconditioned conjugate gradients from the OBS solution (dense products,
 all rows at once); the batched Cholesky solve it replaced cost about 150 s on SmolLM2's linears on
 two CPU cores, the conjugate gradients about a quarter of that (module docstring). Measured at 2:4 with the issue's protocol
-(``benchmarks/results/barber_full_24_cg.json``: C4 32 x 2048, WikiText-2 32 x 2048): over
+(``benchmarks/results/barber/barber_full_24_cg.json``: C4 32 x 2048, WikiText-2 32 x 2048): over
 SparseGPT (output, ratio 0.01, paired) 98.86 against SparseGPT's 112.81 (OBS solver: 115.76); over
 Wanda 100.68 against 188.84; SparseGPT's own mask re-solved exactly (ratio 0) 97.74; 3.8x Wanda's
 time in the same run.
@@ -152,7 +152,7 @@ class BarberOptions(MethodOptions):
         granularity), the paired rule at layer and block granularity, where the paper's rule is
         not defined and our lift of it regrows by a matrix-wide comparison but compensates with
         each M-group's worst kept weight whatever its score. Measured on SmolLM2 at 2:4 (C4 32 x 256
-        calibration, WikiText-2 16 x 2048, ``benchmarks/results/barber.json``): SparseGPT at layer
+        calibration, WikiText-2 16 x 2048, ``benchmarks/results/barber/barber.json``): SparseGPT at layer
         granularity, ratio 0.1, 573350.2 with the paper's rule, 152.3 paired; magnitude at block
         granularity 1024952.0 against 296.5 (magnitude alone: 1699.3)."""
         if isinstance(data, dict) and data.get("nm_rule") in (None, "auto"):

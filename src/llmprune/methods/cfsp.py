@@ -8,7 +8,7 @@ fractions (more important blocks keep more). Fine: inside a block, channels are 
 activation norm alone; ``weight_aware``: the paper's formula normalized over channels). Channels
 are then removed physically (:class:`~llmprune.methods.structured.ChannelMethod`).
 
-Defaults, and why (measured on SmolLM2-135M, ``benchmarks/results/structured.json``):
+Defaults, and why (measured on SmolLM2-135M, ``benchmarks/results/structured/structured.json``):
 ``score="weight_aware"`` and ``normalize="per_token"``. The released code's behaviour is
 ``faithful=true`` (``score="faithful", normalize="reference", budget="reference"``: its per-layer
 count ``int(n * keep) + 1`` and its rounding; docs/faithful.md lists what remains different). In a first exploration (32 x 256 C4 calibration,

@@ -35,7 +35,7 @@ that pruning took away, which is what recovery has to put back. Why the second e
 spends its budget by importance, removing least from the most important blocks (SmolLM2's first
 block keeps 99% of its channels at 20%), so the literal rule gives the most capacity to the blocks
 pruning touched least. Which of the two recovers more is measured, not assumed
-(``benchmarks/recovery.py``; the README gives the figures).
+(``benchmarks/recovery.py``; docs/recovery.md gives the figures).
 """
 
 from __future__ import annotations
