@@ -277,3 +277,68 @@ def test_inspect_shows_the_model_and_the_run(tiny: dict[str, Path], data_dir: Pa
     desc = json.loads(res.output)
     assert desc["llmprune"]["method"] == "cfsp" and desc["llmprune"]["base_model"] == str(tiny["model"])
     assert sum(layer["mlp_width"] for layer in desc["per_layer"]) < 3 * 128
+
+
+def test_seqlen_beyond_context_warns(tiny: dict[str, Path], data_dir: Path) -> None:
+    args = _base(tiny, data_dir)
+    args[args.index("--seqlen") + 1] = "300"  # the tiny model's context is 256
+    args[args.index("--nsamples") + 1] = "1"
+    res = runner.invoke(app, args)
+    assert "longer than the model's context (256 tokens)" in res.output, res.output
+
+
+# --- 5. interrupts ------------------------------------------------------------------------------
+def test_ctrl_c_says_where_it_stopped(tiny: dict[str, Path], data_dir: Path, tmp_path: Path,
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmprune.methods.magnitude import Magnitude
+
+    real = Magnitude.prune_layer
+
+    def interrupt_at_layer_2(self, ctx):  # type: ignore[no-untyped-def]
+        if ctx.layer.index == 1:
+            raise KeyboardInterrupt
+        return real(self, ctx)
+
+    monkeypatch.setattr(Magnitude, "prune_layer", interrupt_at_layer_2)
+    out = tmp_path / "run"
+    res = runner.invoke(app, [*_base(tiny, data_dir, "--output", str(out)), "--method", "magnitude"])
+    assert res.exit_code == cli.EXIT_INTERRUPTED, res.output
+    assert "interrupted at layer 2/3 (magnitude); nothing written" in res.output and not out.exists()
+
+
+def test_interrupt_messages_for_resumable_work() -> None:
+    from llmprune.activity import interrupt_message
+
+    assert interrupt_message({"stage": "steps", "step": 7, "steps": 20, "partial": "out.partial",
+                              "checkpoint_step": 5}) == (
+        "interrupted at step 7/20; checkpoint at step 5 in out.partial; re-run the same command to resume")
+    assert "no checkpoint yet in out.partial" in interrupt_message(
+        {"stage": "steps", "step": 1, "steps": 20, "partial": "out.partial", "checkpoint_step": 0})
+    assert interrupt_message({"stage": "layers", "layer": 4, "layers": 30, "partial": "o.partial", "layers_done": 3}) == (
+        "interrupted at layer 4/30; 3 finished layer(s) kept in o.partial; re-run the same command to resume")
+
+
+def test_streamed_prune_interrupt_names_the_partial_folder(tiny: dict[str, Path], data_dir: Path, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmprune.methods.magnitude import Magnitude
+
+    real = Magnitude.prune_layer
+
+    def interrupt_at_layer_3(self, ctx):  # type: ignore[no-untyped-def]
+        if ctx.layer.index == 2:
+            raise KeyboardInterrupt
+        return real(self, ctx)
+
+    monkeypatch.setattr(Magnitude, "prune_layer", interrupt_at_layer_3)
+    out = tmp_path / "streamed"
+    args = [*_base(tiny, data_dir, "--output", str(out), "--stream"), "--method", "magnitude"]
+    res = runner.invoke(app, args)
+    assert res.exit_code == cli.EXIT_INTERRUPTED, res.output
+    assert f"in {out.parent / ('.' + out.name + '.partial')}; re-run the same command to resume" in \
+        res.output.replace("\n", "")
+    assert "interrupted at layer 3/3" in res.output
+    monkeypatch.setattr(Magnitude, "prune_layer", real)
+    res = runner.invoke(app, args)  # the same command resumes and finishes
+    assert res.exit_code == 0, res.output
+    assert (out / "llmprune.json").is_file() and json.loads((out / "llmprune.json").read_text())["streaming"][
+        "resumed_at_layer"] == 2
