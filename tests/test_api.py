@@ -119,7 +119,7 @@ def test_recipe_file_and_overrides(tmp_path: Path) -> None:
 BAD_INPUTS = [
     (dict(sparsity=1.0), "fraction in \\[0, 1\\)"),
     (dict(sparsity=-0.1), "fraction in \\[0, 1\\)"),
-    (dict(method="nope"), "unknown method 'nope'; known: barber, cfsp, flap, magnitude"),
+    (dict(method="nope"), "unknown method 'nope'; known: barber, cfsp, expert-frequency, flap, magnitude"),
     (dict(pattern="2:4", sparsity=0.3), "contradicts"),
     (dict(method_options={"scope": "diagonal"}), "invalid options for method wanda"),
     (dict(method_options={"ratio": 0.1}), "invalid options for method wanda"),
