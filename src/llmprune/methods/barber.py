@@ -160,11 +160,7 @@ class BarberOptions(MethodOptions):
             data = {**data, "nm_rule": "paired" if granularity in ("layer", "block") else "reference"}
         return data
 
-    @model_validator(mode="before")
-    @classmethod
-    def _faithful(cls, data: Any) -> Any:
-        return faithful.apply(data, "barber", {"order": "reference", "swap_count": "float32", "guard": False,
-                                               "reconstruct": False})
+    faithful_form = ("barber", {"order": "reference", "swap_count": "float32", "guard": False, "reconstruct": False})
 
     @model_validator(mode="before")
     @classmethod

@@ -5,13 +5,14 @@ from __future__ import annotations
 from abc import ABC
 from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
 from ..models.view import ModelView
 from ..registry import Registry
 from ..sparsity.bits import count_zeros, zero_where_
 from ..sparsity.patterns import Pattern
+from . import faithful
 
 if TYPE_CHECKING:
     from ..engine.engine import LayerContext
@@ -22,6 +23,18 @@ class MethodOptions(BaseModel):
     """Options of a method; unknown keys are errors."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    #: ``method.faithful=true``: the method's name and the option values that reproduce its released
+    #: code (methods/faithful.py); None for a method without a faithful form (and no ``faithful`` field).
+    faithful_form: ClassVar[tuple[str, dict[str, Any]] | None] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _faithful(cls, data: Any) -> Any:
+        if cls.faithful_form is None:
+            return data
+        method, fixed = cls.faithful_form
+        return faithful.apply(data, method, fixed)
 
 
 class SequentialOptions(MethodOptions):

@@ -27,14 +27,13 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from ..models.surgery import MlpGroup, attn_group
 from ..models.view import ModelView
 from ..sparsity import channels
 from ..sparsity.allocation import Importance, channel_counts, keep_fractions, reference_channel_counts
-from . import faithful
 from .base import METHODS
 from .structured import ChannelMethod, ChannelOptions, LayerChannelStats
 
@@ -60,10 +59,7 @@ class CfspOptions(ChannelOptions):
     faithful: bool = Field(False, description="the released code (wyxscir/CFSP b2d5b13): score=faithful, "
                            "normalize=reference, budget=reference")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _faithful(cls, data: Any) -> Any:
-        return faithful.apply(data, "cfsp", {"score": "faithful", "normalize": "reference", "budget": "reference"})
+    faithful_form = ("cfsp", {"score": "faithful", "normalize": "reference", "budget": "reference"})
 
 
 @METHODS.register("cfsp")

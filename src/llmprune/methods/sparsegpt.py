@@ -5,11 +5,10 @@ from __future__ import annotations
 from typing import Any, Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from ..sparsity.obs_solver import sparsegpt_prune, sparsegpt_prune_stacked
-from . import faithful
 from .base import METHODS, Method, SequentialOptions, zero_fraction
 
 
@@ -26,11 +25,7 @@ class SparseGPTOptions(SequentialOptions):
     faithful: bool = Field(False, description="the released code (IST-DASLab/sparsegpt 147d215): matrix scope, "
                            "reference block count, dead columns zeroed")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _faithful(cls, data: Any) -> Any:
-        return faithful.apply(data, "sparsegpt", {"scope": "matrix", "block_count": "reference",
-                                                  "dead_columns": "zero", "sequential": "layer"})
+    faithful_form = ("sparsegpt", {"scope": "matrix", "block_count": "reference", "dead_columns": "zero", "sequential": "layer"})
 
 
 @METHODS.register("sparsegpt")

@@ -11,10 +11,10 @@ MLP channels only, like the other methods here, so ``--sparsity`` means the same
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import Tensor
 
 from ..errors import LLMPruneError
@@ -22,7 +22,6 @@ from ..models.surgery import MlpGroup
 from ..models.view import ModelView
 from ..sparsity import channels
 from ..sparsity.allocation import channel_counts
-from . import faithful
 from .base import METHODS
 from .structured import ChannelMethod, ChannelOptions, LayerChannelStats
 
@@ -55,10 +54,7 @@ class FlapOptions(ChannelOptions):
     faithful: bool = Field(False, description="the released code (CASIA-IVA-Lab/FLAP 3bb57db, MLP channels): "
                            "fluctuation=reference, count=reference")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _faithful(cls, data: Any) -> Any:
-        return faithful.apply(data, "flap", {"fluctuation": "reference", "count": "reference"})
+    faithful_form = ("flap", {"fluctuation": "reference", "count": "reference"})
 
 
 @METHODS.register("flap")

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from ..sparsity.scores import wanda
 from ..sparsity.select import prune_mask
-from . import faithful
 from .base import METHODS, Method, SequentialOptions, apply_prune_mask_, zero_fraction
 
 
@@ -18,10 +17,7 @@ class WandaOptions(SequentialOptions):
     faithful: bool = Field(False, description="the released code (locuslab/wanda 8e8fc87): per-row scope, layer-wise "
                            "calibration; our defaults already are, bit for bit")
 
-    @model_validator(mode="before")
-    @classmethod
-    def _faithful(cls, data: Any) -> Any:
-        return faithful.apply(data, "wanda", {"scope": "row", "sequential": "layer"})
+    faithful_form = ("wanda", {"scope": "row", "sequential": "layer"})
 
 
 @METHODS.register("wanda")
