@@ -15,7 +15,7 @@ import torch
 
 import llmprune
 from llmprune import LLMPruneError
-from llmprune.export import KEEPS_ZEROS, export
+from llmprune.deploy import KEEPS_ZEROS, export
 from tests.conftest import save_tiny
 
 HAS_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None

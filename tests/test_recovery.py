@@ -347,3 +347,23 @@ def test_smollm2_recovery_lowers_perplexity(data_dir: Path, tmp_path: Path) -> N
     rec = result.report["recovery"]
     assert rec["importance"]["source"] == "saved" and rec["budget_gap"] >= 0
     assert rec["merge"]["max_abs_logit_diff"] < 1e-3
+
+
+def test_interrupted_recover_says_how_to_resume(runs: dict[str, Path], tmp_path: Path) -> None:
+    """Ctrl-C during training: the message names the last checkpoint and the .partial folder."""
+    from llmprune import activity
+
+    def ctrl_c_at(stop: int):  # type: ignore[no-untyped-def]
+        def hook(step: int) -> None:
+            if step == stop:
+                raise KeyboardInterrupt
+        return hook
+
+    activity.clear()
+    with pytest.raises(KeyboardInterrupt):
+        llmprune.recover(runs["cfsp"], output=tmp_path / "r", on_step=ctrl_c_at(3),
+                         **_fast(runs, steps=6, checkpoint_every=2, eval=None, capacity="uniform"))
+    message = activity.interrupt_message()
+    activity.clear()
+    assert message == (f"interrupted at step 3/6; checkpoint at step 2 in {tmp_path / 'r.partial'}; "
+                       f"re-run the same command to resume")

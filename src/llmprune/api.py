@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,12 +13,12 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from .data.sources import TextSource, resolve, resolve_data_dir
+from .data.sources import TextSource, require_hub, resolve, resolve_data_dir
 from .data.tokens import calibration_windows, evaluation_sets, token_hash
 from .engine.engine import run_layerwise
 from .engine.routed import check_moe_calib, moe_summary
 from .engine.streaming import StreamingStore, partial_dir, settings_hash
-from .errors import LLMPruneError
+from .errors import LLMPruneError, did_you_mean
 from .eval.perplexity import perplexity
 from .eval.zeroshot import PreparedTasks, prepare_tasks, run_zeroshot
 from .io.card import loading_note
@@ -116,7 +117,9 @@ def resolve_method(recipe: Recipe) -> tuple[Method, Pattern]:
     try:
         options = cls.Options(**recipe.method.options)
     except ValidationError as exc:
-        problems = "; ".join(f"method.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        problems = "; ".join(f"method.{'.'.join(str(p) for p in e['loc'])}: {e['msg']}"
+                             + (did_you_mean(e["loc"][-1], cls.Options.model_fields) if e["type"] == "extra_forbidden"
+                                else "") for e in exc.errors())
         fields = ", ".join(cls.Options.model_fields) or "none"
         raise LLMPruneError(f"invalid options for method {cls.name}: {problems} (its options: {fields})") from None
     pattern = parse_pattern(recipe.method.pattern, recipe.method.sparsity, scope=getattr(options, "scope", "row"))
@@ -181,10 +184,12 @@ def _plan(rec: Recipe, tasks: PreparedTasks | None = None, check_output: bool = 
                 f"calibration and evaluation would both read {src.key}; never calibrate on the evaluated "
                 f"split (choose another --calib-dataset)"
             )
+    require_hub([s for s in (calib_source, *eval_sources) if s is not None])
     if tasks is None and rec.eval.tasks:
         tasks = prepare_tasks(rec.eval.tasks, data_dir=rec.data_dir, include_path=rec.eval.include_path)
     check_moe_calib(rec.calib.moe)
     device, *extra = pick_devices(rec.model.device)
+    pick_dtype(rec.model.dtype, device)  # an unknown dtype fails here, not after the data is read
     return _Plan(rec, method, pattern, calib_source, eval_sources, tasks, device, tuple(extra))
 
 
@@ -501,7 +506,7 @@ def _load_checked(plan: _Plan, model: Any, tokenizer: Any) -> tuple[Any, Any, Mo
 
 
 def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Path | dict[str, Any] | None = None,
-          progress: bool = False, **kwargs: Any) -> PruneResult:
+          progress: bool = False, announce: Callable[[Any], None] | None = None, **kwargs: Any) -> PruneResult:
     """Prune a model in one shot and (optionally) evaluate and save it.
 
     ``model`` is a name (Hub id, folder, ``.gguf`` file, ``smollm2-135m``) or an in-memory
@@ -509,7 +514,8 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
     (``method``, ``sparsity``, ``pattern``, ``calib_dataset``, ``nsamples``, ``seqlen``, ``seed``,
     ``eval``, ``eval_seqlen``, ``eval_windows``, ``tasks``, ``limit``, ``data_dir``, ``output``,
     ``overwrite``) and ``method_options={...}`` sets method fields. Everything is validated before
-    any work is done.
+    any work is done. ``announce`` receives the plan (:class:`llmprune.planning.PlanSummary`) once
+    everything is checked, before the model is loaded.
     """
     t_start = time.perf_counter()
     in_memory = model is not None and not isinstance(model, (str, Path))
@@ -528,6 +534,11 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
     stream_from = None if in_memory else _stream_source(plan)
     if stream_from is None and in_memory and rec.model.stream == "on":
         raise LLMPruneError("--stream reads a checkpoint from disk; pass a model name or folder, not a loaded model")
+    if announce is not None:
+        from .planning import config_facts, summarize
+
+        facts = config_facts(model.config.to_dict()) if in_memory else None
+        announce(summarize(plan, stream_from is not None, facts))
     if stream_from is not None:
         return _prune_streamed(plan, stream_from, progress, t_start)
     net, tok, view, load_s = _load_checked(plan, model if in_memory else None, tokenizer)
@@ -562,6 +573,7 @@ def evaluate(model: Any, *, tokenizer: Any = None, datasets: str | list[str] | N
     if not rec.eval.datasets and not rec.eval.tasks:
         raise LLMPruneError("name at least one evaluation dataset (wikitext2, c4 or a file) or zero-shot task")
     sources = _eval_sources(rec)
+    require_hub(sources)
     prepared = prepare_tasks(rec.eval.tasks, data_dir=rec.data_dir, include_path=rec.eval.include_path) if rec.eval.tasks else None
     dev = pick_device(rec.model.device)
     if isinstance(model, (str, Path)):

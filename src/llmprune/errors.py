@@ -9,3 +9,11 @@ from __future__ import annotations
 
 class LLMPruneError(Exception):
     """Bad input or an environment problem the user can fix."""
+
+
+def did_you_mean(name: object, choices: object) -> str:
+    """`` (did you mean wanda?)`` when ``name`` is close to one of ``choices``, else ``""``."""
+    import difflib
+
+    close = difflib.get_close_matches(str(name), [str(c) for c in choices], n=3, cutoff=0.6)  # type: ignore[attr-defined]
+    return f" (did you mean {' or '.join(close)}?)" if close else ""

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .errors import LLMPruneError
+from .errors import LLMPruneError, did_you_mean
 
 
 class _Strict(BaseModel):
@@ -154,10 +154,22 @@ def build_recipe(
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors()
-        )
+        problems = "; ".join(_problem(err) for err in exc.errors())
         raise LLMPruneError(f"invalid recipe: {problems}") from None
+
+
+def _problem(err: Any) -> str:
+    """One pydantic error as ``calib.seqlen: ...``; an unknown key names the close known ones."""
+    where = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        section: Any = Recipe
+        for key in err["loc"][:-1]:
+            field = section.model_fields.get(key) if isinstance(section, type) else None
+            section = field.annotation if field is not None else None
+        known = list(section.model_fields) if isinstance(section, type) and issubclass(section, BaseModel) else []
+        hint = did_you_mean(err["loc"][-1], known)
+        return f"{where}: unknown key{hint}" + (f"; known: {', '.join(known)}" if known else "")
+    return f"{where}: {err['msg']}"
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Generic, TypeVar
 
-from .errors import LLMPruneError
+from .errors import LLMPruneError, did_you_mean
 
 T = TypeVar("T")
 
@@ -29,7 +29,7 @@ class Registry(Generic[T]):
             return self._items[name]
         except KeyError:
             known = ", ".join(sorted(self._items))
-            raise LLMPruneError(f"unknown {self.kind} {name!r}; known: {known}") from None
+            raise LLMPruneError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._items)}; known: {known}") from None
 
     def names(self) -> list[str]:
         return sorted(self._items)

@@ -45,7 +45,7 @@ from .engine.streaming import settings_hash
 from .errors import LLMPruneError
 from .io.provenance import describe_loaded, describe_source
 from .io.public import namer_for, public_recipe
-from .io.save import REPORT_NAME, SWEEP_NAME, read_report, staged_dir, write_json_atomic
+from .io.save import REPORT_NAME, SWEEP_NAME, check_parent, read_report, staged_dir, write_json_atomic
 from .recipe import build_recipe
 
 
@@ -127,6 +127,7 @@ def sweep(model: Any = None, *, values: str | list[Any], parameter: str = "metho
                                 f"continue an interrupted sweep, or --overwrite to replace it")
     elif resume:
         raise LLMPruneError(f"nothing to resume: {dest} does not exist")
+    check_parent(dest)
     dest.resolve().parent.mkdir(parents=True, exist_ok=True)
     replacing = dest.exists() and not resume
     # Replacing an old sweep: build beside it, swap in when complete (io.save.staged_dir).

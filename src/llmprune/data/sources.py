@@ -17,13 +17,14 @@ C4 in a mirror that only has the 1000-document validation sample: calibration re
 
 from __future__ import annotations
 
+import functools
 import gzip
 import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import LLMPruneError
+from ..errors import LLMPruneError, did_you_mean
 
 WIKITEXT_REPO = "Salesforce/wikitext"
 C4_REPO = "allenai/c4"
@@ -113,15 +114,52 @@ def resolve(dataset: str, purpose: str, data_dir: str | None) -> TextSource:
     path = Path(dataset).expanduser()
     if not path.is_file():
         raise LLMPruneError(
-            f"dataset {dataset!r} is neither wikitext2 nor c4 nor an existing .txt/.jsonl/.json/.parquet file"
+            f"dataset {dataset!r}{did_you_mean(base, NAMED)} is neither wikitext2 nor c4 nor an existing "
+            f".txt/.jsonl/.json/.parquet file"
         )
     if path.suffix not in (".txt", ".jsonl", ".json", ".parquet"):
         raise LLMPruneError(f"unsupported file type {path.suffix!r} for {dataset}; use .txt, .jsonl, .json or .parquet")
     return TextSource("file", "all", str(path.resolve()), None, "local")
 
 
+_OFFLINE_HINT = ("point --data-dir (or LLMPRUNE_DATA_DIR) at a local mirror of the datasets, "
+                 "e.g. --data-dir ../shared/data")
+
+
+@functools.lru_cache(maxsize=1)
+def hub_unreachable() -> str | None:
+    """Why the Hub cannot be reached (``HF_HUB_OFFLINE``, no name resolution, no connection), or None.
+
+    Asked once per process, with a short timeout: without it, huggingface_hub retries for about
+    30 s and prints every retry before our message."""
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "HF_HUB_OFFLINE is set"
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as exc:
+        return f"{host} is unreachable ({exc.strerror or type(exc).__name__})"
+    return None
+
+
+def require_hub(sources: list[TextSource]) -> None:
+    """Fail at once, before any work, when a source needs the Hub and the Hub is unreachable."""
+    remote = [s for s in sources if s.origin == "hub"]
+    reason = hub_unreachable() if remote else None
+    if reason:
+        names = ", ".join(sorted({s.name for s in remote}))
+        raise LLMPruneError(f"{names} would be downloaded from the Hugging Face Hub, but {reason}; {_OFFLINE_HINT}")
+
+
 def _hub_file(path: str) -> str:
     from huggingface_hub import hf_hub_download
+
+    reason = hub_unreachable()
+    if reason:
+        raise LLMPruneError(f"cannot download {path} from the Hugging Face Hub: {reason}; {_OFFLINE_HINT}")
 
     repo, _, filename = path.partition("/")
     repo_id = repo + "/" + filename.split("/", 1)[0]

@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .. import activity
 from ..errors import LLMPruneError
 from ..models.view import DecoderLayer, ModelView
 from ..sparsity.bits import all_finite
@@ -382,6 +383,7 @@ def run_layerwise(
     with calibration_mode(model), heap_allocations() as heap:
         if not method.needs_calibration:
             for layer in bar:
+                activity.update(stage="layers", layer=layer.index + 1, layers=len(view.layers), task=method.name)
                 with store.loaded(layer):
                     with onloaded(layer.module, device):
                         ctx = LayerContext(layer, device, cache_device)
@@ -405,6 +407,7 @@ def run_layerwise(
         pool = ThreadPoolExecutor(len(extra_devices), thread_name_prefix="llmprune-device") if extra_devices else None
         try:
             for layer in bar:
+                activity.update(stage="layers", layer=layer.index + 1, layers=len(view.layers), task=method.name)
                 with store.loaded(layer):
                     with onloaded(layer.module, device):
                         ctx = LayerContext(layer, device, cache_device, hidden, inputs.args[layer.index],

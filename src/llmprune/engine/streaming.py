@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import activity
 from ..errors import LLMPruneError
 from ..io.save import write_json_atomic
 from ..models.shards import (
@@ -126,6 +127,7 @@ class StreamingStore(LayerStore):
                 for i in range(self.start):
                     observer.restore_layer_state(i, torch.load(work / _state_file(i)))
         self.layer_prefix = f"{view.layers_path}."
+        activity.update(partial=str(work), layers_done=self.start)
 
     @property
     def complete(self) -> bool:
@@ -236,6 +238,7 @@ class StreamingStore(LayerStore):
             _save_safetensors_atomic(shard, self.work / _layer_shard(i), self._stage)
             shard.clear()  # the main thread recycles the tensors (wait); the executor may hold this dict a while
         write_json_atomic(self.progress, progress)
+        activity.update(layers_done=i + 1)
         (self.work / f"hidden-{i - 1:05d}.pt").unlink(missing_ok=True)
         if os.environ.get(_KILL_AFTER) == (str(i) if self.observer is None else f"observe:{i}"):
             os.kill(os.getpid(), signal.SIGKILL)

@@ -4,10 +4,20 @@ The token stream is cut into ``len // seqlen`` windows of exactly ``seqlen`` tok
 dropped); each window is scored independently; perplexity = exp(mean over windows of the mean
 next-token NLL in the window), which is what SparseGPT's ``llama_eval`` computes. ``windows`` caps
 the number of windows (the first ones) to bound the cost on CPU; the report records both counts.
+
+Memory: the [seqlen x vocabulary] logits are never materialized whole. The decoder runs to its
+final hidden states, then the head (and the family's logit post-processing: Gemma-2/3's
+``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``) and the loss run
+over chunks of ``HEAD_CHUNK`` tokens in float32, summed in float64. Gemma-3-270M at seqlen 2048
+(262,144 words) held 2 GB of logits plus a copy and the log-softmax; a chunk holds 256 MB. Each
+call first checks, on a short prefix, that the chunked head gives the model's own logits; a model
+whose head it cannot reproduce (an unknown post-processing) is evaluated with full logits, and a
+warning says so.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any
 
@@ -19,6 +29,73 @@ from tqdm.auto import tqdm
 from ..engine.context import calibration_mode
 from ..errors import LLMPruneError
 
+log = logging.getLogger(__name__)
+HEAD_CHUNK = 256  # tokens whose logits exist at once
+_CHECK_TOKENS = 16
+_CHECK_RTOL = 1e-4
+
+
+class _Head:
+    """A causal LM split into its decoder (to the final hidden states) and its head plus post-processing."""
+
+    def __init__(self, model: nn.Module) -> None:
+        prefix = getattr(model, "base_model_prefix", "")
+        self.decoder = getattr(model, prefix, None) if prefix else None
+        self.head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(self.decoder, nn.Module) or self.decoder is model or not isinstance(self.head, nn.Module):
+            raise TypeError(f"{type(model).__name__} has no separate decoder and output head")
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        self.softcap = getattr(config, "final_logit_softcapping", None)
+        self.scale = getattr(config, "logit_scale", None)  # Cohere multiplies
+        self.divide = getattr(config, "logits_scaling", None)  # Granite divides
+
+    def hidden(self, ids: Tensor) -> Tensor:
+        return self.decoder(input_ids=ids, use_cache=False).last_hidden_state
+
+    def logits(self, hidden: Tensor) -> Tensor:
+        logits = self.head(hidden)
+        if self.scale is not None:
+            logits = logits * self.scale
+        if self.divide is not None:
+            logits = logits / self.divide
+        if self.softcap is not None:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits.float()
+
+
+def chunked_head(model: nn.Module, probe: Tensor) -> _Head | None:
+    """The model's head, split off and checked against its own logits on ``probe`` (ids [1, T]); None
+    when it cannot be split or does not reproduce them (then evaluate with full logits)."""
+    try:
+        head = _Head(model)
+        with torch.no_grad():
+            want = model(input_ids=probe, use_cache=False).logits.float()
+            got = head.logits(head.hidden(probe))
+    except (TypeError, AttributeError, ValueError, RuntimeError) as exc:
+        log.warning("evaluating %s with full logits: its head cannot be split off (%s)", type(model).__name__, exc)
+        return None
+    if got.shape != want.shape or not torch.allclose(got, want, rtol=_CHECK_RTOL, atol=_CHECK_RTOL * float(
+            want.abs().max())):
+        log.warning("evaluating %s with full logits: its output head has a post-processing llmprune does not "
+                    "reproduce (the chunked head differs from the model's logits)", type(model).__name__)
+        return None
+    return head
+
+
+def window_nll(model: nn.Module, ids: Tensor, head: _Head | None, chunk: int = HEAD_CHUNK) -> float:
+    """Mean next-token NLL of one window ``ids`` [1, T]: chunked through ``head``, or from full logits."""
+    targets = ids[0, 1:]
+    if head is None:
+        logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        return F.cross_entropy(logits, targets, reduction="mean").item()
+    hidden = head.hidden(ids)[0, :-1]
+    total = 0.0
+    for start in range(0, hidden.shape[0], chunk):
+        logits = head.logits(hidden[start:start + chunk])
+        total += float(F.cross_entropy(logits, targets[start:start + chunk], reduction="sum").double())
+        del logits
+    return total / targets.numel()
+
 
 def perplexity(
     model: nn.Module,
@@ -29,6 +106,7 @@ def perplexity(
     device: torch.device | None = None,
     progress: bool = False,
     desc: str = "perplexity",
+    chunked: bool = True,
 ) -> dict[str, Any]:
     if seqlen < 2:
         raise LLMPruneError(f"evaluation seqlen must be at least 2, got {seqlen}")
@@ -41,10 +119,10 @@ def perplexity(
     device = device or next(model.parameters()).device
     total = 0.0
     with calibration_mode(model):
+        head = chunked_head(model, tokens[:min(_CHECK_TOKENS, seqlen)].unsqueeze(0).to(device)) if chunked else None
         for w in tqdm(range(count), desc=desc, disable=not progress, unit="window"):
             ids = tokens[w * seqlen : (w + 1) * seqlen].unsqueeze(0).to(device)
-            logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-            nll = F.cross_entropy(logits, ids[0, 1:], reduction="mean").item()
+            nll = window_nll(model, ids, head)
             if not math.isfinite(nll):
                 raise LLMPruneError(f"non-finite loss in evaluation window {w}; the model produces NaN/inf")
             total += nll

@@ -27,9 +27,21 @@ SWEEP_NAME = "sweep.json"  # the index of a sweep folder (llmprune.sweeps)
 CARD_NAME = "README.md"  # the model card (llmprune.io.card)
 
 
+def check_parent(path: str | os.PathLike[str], what: str = "output") -> Path:
+    """Fail clearly when ``path`` lies below an existing file (``out.json/run``): no folder can be made there."""
+    path = Path(path).expanduser()
+    for parent in path.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise LLMPruneError(f"{what} {path} cannot be created: {parent} is a file, not a folder; "
+                                    f"choose a path that is not inside a file")
+            break
+    return path
+
+
 def check_output_dir(output: str | os.PathLike[str], overwrite: bool) -> Path:
     """Fail before any work if ``output`` cannot be written."""
-    path = Path(output).expanduser()
+    path = check_parent(output)
     if path.exists() and not overwrite:
         raise LLMPruneError(f"output folder {path} already exists; choose another --output or pass --overwrite")
     if path.exists() and not path.is_dir():
@@ -76,7 +88,7 @@ def write_json_atomic(path: str | os.PathLike[str], data: Any) -> None:
 
 
 def write_text_atomic(path: str | os.PathLike[str], text: str) -> None:
-    path = Path(path)
+    path = check_parent(path, "file")
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:

@@ -94,6 +94,9 @@ def gguf_to_folder(gguf_path: str) -> Path:
     target = cache_root() / "gguf" / _file_sha256(src)[:24]
     if (target / "config.json").is_file():
         return target
+    from .gguf_check import check_gguf
+
+    check_gguf(src)  # a damaged or truncated file is named here, not deep inside transformers' loader
     log.info("dequantizing %s into %s (once)", src.name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
@@ -141,7 +144,7 @@ def pick_devices(device: str = "auto") -> list[torch.device]:
                                 f"cuda:N or a comma-separated list such as cuda:0,cuda:1") from None
         if dev.type == "cuda":
             if not torch.cuda.is_available():
-                raise LLMPruneError(f"device {dev} requested but CUDA is not available; use --set model.device=cpu")
+                raise LLMPruneError(f"device {dev} requested but CUDA is not available on this machine; use --device cpu (or --set model.device=cpu in a recipe)")
             dev = torch.device("cuda", dev.index if dev.index is not None else torch.cuda.current_device())
             if dev.index >= torch.cuda.device_count():
                 raise LLMPruneError(f"device {dev} requested but only {torch.cuda.device_count()} CUDA device(s) "

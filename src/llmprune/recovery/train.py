@@ -29,6 +29,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from .. import activity
 from ..io.save import follow_umask
 
 CHECKPOINT = "checkpoint.pt"
@@ -118,13 +119,17 @@ def train(model: Any, windows: Tensor, cfg: TrainConfig, work: Path, *, cpu: boo
                 "rng": {"torch": torch.get_rng_state(), "python": random.getstate()},
                 "losses": losses, "evals": evals, "elapsed_s": elapsed + time.perf_counter() - t0,
             })
+            activity.update(checkpoint_step=step)
         accelerator.wait_for_everyone()
 
     t0 = time.perf_counter()
     model.train()
     bar = tqdm(total=cfg.steps, initial=start, desc="recovery", unit="step",
                disable=not progress or not accelerator.is_main_process)
+    activity.update(stage="steps", step=start, steps=cfg.steps, partial=str(work),
+                    checkpoint_step=start if cfg.checkpoint_every else None)
     for step in range(start, cfg.steps):
+        activity.update(step=step + 1)
         first = (step * world + accelerator.process_index) * cfg.batch_size
         ids = windows[first:first + cfg.batch_size].to(accelerator.device)
         loss = model(input_ids=ids, labels=ids, use_cache=False).loss
