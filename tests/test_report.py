@@ -424,3 +424,40 @@ def test_cpu_model_names_the_vector_extensions(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(report_module, "open", missing, raising=False)
     monkeypatch.setattr(report_module.platform, "processor", lambda: "arm")
     assert report_module.cpu_model() == "arm"
+
+
+def test_eval_of_a_run_folder_is_compared_as_that_run(runs: dict[str, Any], tmp_path: Path) -> None:
+    """`llmprune eval RUN_DIR --json` carries the run's record: `report` places a structured run at its
+    removed parameter fraction, with its method and settings, beside its base model (no model warning)."""
+    from llmprune.reporting.plots import achieved_x
+
+    folders, reps = runs["folders"], runs["reports"]
+    res = runner.invoke(app, ["eval", "--model", str(folders["cfsp20"]), "--eval", str(runs["heldout"]),
+                              "--eval-seqlen", "64", "--eval-windows", "2", "--json", str(tmp_path / "cfsp20-eval.json")])
+    assert res.exit_code == 0, res.output
+    assert "structured run (cfsp on tiny)" in res.output
+    ev = json.loads((tmp_path / "cfsp20-eval.json").read_text())
+    assert ev["run"]["method"] == "cfsp" and ev["run"]["base_model"] == reps["cfsp20"]["model"]
+    assert ev["eval"]["heldout"]["ppl"] == pytest.approx(reps["cfsp20"]["eval"]["heldout"]["ppl"], rel=1e-6)
+    mag_eval = llmprune.evaluate(str(folders["mag"]), datasets=str(runs["heldout"]), seqlen=64, windows=2)
+    write_json_atomic(tmp_path / "mag-eval.json", mag_eval)
+    result = build_report([folders["wanda30"], tmp_path / "cfsp20-eval.json", tmp_path / "mag-eval.json"],
+                          tmp_path / "report")
+    assert result.warnings == []  # same base model: no "runs differ in model"
+    md = (result.output / "report.md").read_text()
+    assert _cell(md, "cfsp20-eval", "method") == "cfsp"
+    assert _cell(md, "cfsp20-eval", "settings") == "channels 20% of MLP channels importance=angular score=weight_aware"
+    assert _cell(md, "mag-eval", "method") == "magnitude"
+    by_label = {r.label: r for r in result.runs}
+    st = reps["cfsp20"]["structure"]["params"]
+    assert achieved_x(by_label["cfsp20-eval"]) == pytest.approx(st["removed_fraction"]) and st["removed_fraction"] > 0
+    assert achieved_x(by_label["mag-eval"]) == pytest.approx(reps["mag"]["sparsity"]["overall"])
+    # a plain model's evaluation stays an evaluation of its own
+    plain = [r for r in collect(runs["dense32"])][0]
+    assert plain.is_eval and plain.method == "eval"
+
+
+def collect(path: Path) -> list[Run]:
+    from llmprune.reporting.load import collect_runs
+
+    return collect_runs([path])

@@ -24,7 +24,7 @@ from .eval.zeroshot import PreparedTasks, prepare_tasks, run_zeroshot
 from .io.card import loading_note
 from .io.provenance import describe_loaded, describe_source, saved_dtype
 from .io.public import namer_for, public_report
-from .io.save import check_output_dir, finish_folder, install_dir, save_run
+from .io.save import REPORT_NAME, check_output_dir, finish_folder, install_dir, read_report, save_run
 from .methods import METHODS, Method
 from .methods.experts import ExpertPruning
 from .methods.structured import ChannelMethod, RemovalStep
@@ -607,9 +607,20 @@ def evaluate(model: Any, *, tokenizer: Any = None, datasets: str | list[str] | N
         "device": str(dev),
         "versions": versions(),
     })
+    if isinstance(model, (str, Path)) and (Path(model) / REPORT_NAME).is_file():
+        out["run"] = run_record(read_report(model))
     if isinstance(model, (str, Path)):  # named as a run folder names it: no local paths (io.public)
         out = public_report(out, describe_source(str(model)), rec.data_dir)
     return out
+
+
+def run_record(report: dict[str, Any]) -> dict[str, Any]:
+    """What an evaluation of a run folder carries of that run (its ``llmprune.json``): the method and
+    its settings, the calibration, the structure and the base model, so that ``llmprune report``
+    compares the evaluation as that run (a structured run at its removed parameter fraction, beside
+    its base model)."""
+    keys = ("method", "recipe", "calibration", "structure", "sparsity")
+    return {"base_model": report.get("model"), **{k: report[k] for k in keys if k in report}}
 
 
 def load(path: str | Path, dtype: str = "auto", device: str = "auto") -> tuple[Any, Any]:

@@ -466,10 +466,15 @@ def eval_cmd(
                    num_fewshot=num_fewshot, batch_size=batch_size, include_path=include_path, seed=seed,
                    data_dir=data_dir, dtype=dtype, device=device, progress=True)
     _print_tables(f"{model}", rep)
-    if rep.get("structure"):
-        st = rep["structure"]
-        console.print(f"structured run ({rep.get('method')}): {st['params']['removed_fraction']:.4f} of the "
-                      f"parameters removed ({st['params']['dense']:,} -> {st['params']['pruned']:,})", highlight=False)
+    run = rep.get("run") or {}
+    if run.get("structure"):
+        st = run["structure"]
+        console.print(f"structured run ({run.get('method')} on {run.get('base_model')}): "
+                      f"{st['params']['removed_fraction']:.4f} of the parameters removed "
+                      f"({st['params']['dense']:,} -> {st['params']['pruned']:,})", highlight=False)
+    elif run:
+        console.print(f"run: {run.get('method')} on {run.get('base_model')}; sparsity (weights of the decoder "
+                      f"linears) {rep['sparsity']['overall']:.4f}", highlight=False)
     elif rep.get("sparsity"):
         console.print(f"sparsity (weights of the decoder linears): {rep['sparsity']['overall']:.4f}", highlight=False)
     if json_out:

@@ -8,6 +8,10 @@ A RUN argument is one of:
 - a JSON file: an ``llmprune.json`` or the output of ``llmprune eval --json`` (no ``method``: shown as
   method ``eval``).
 
+An ``llmprune eval`` report of a run folder carries that run's record in its ``run`` section (method,
+recipe, calibration, structure, base model): it is compared as that run, so a structured run sits
+at its removed parameter fraction and beside its base model, not at sparsity 0 as a model of its own.
+
 Everything is read and checked before the report writes anything; a bad argument is an
 :class:`~llmprune.errors.LLMPruneError` naming it.
 """
@@ -61,7 +65,22 @@ def _check_report(report: Any, where: Path) -> dict[str, Any]:
                             f"or the output of `llmprune eval --json`")
     if "method" not in report and "eval" not in report and "zeroshot" not in report:
         raise LLMPruneError(f"{where} has neither a method nor evaluation results; it is not an llmprune report")
-    return report
+    return _as_run(report)
+
+
+# what an eval report takes over from the run folder it evaluated (api.evaluate's ``run`` section)
+RUN_KEYS = ("method", "recipe", "calibration", "structure", "sparsity")
+
+
+def _as_run(report: dict[str, Any]) -> dict[str, Any]:
+    """An eval report of a run folder, seen as that run (module docstring); any other report as it is."""
+    run = report.get("run")
+    if "method" in report or not isinstance(run, dict) or "method" not in run:
+        return report
+    out = {**report, **{k: run[k] for k in RUN_KEYS if run.get(k) is not None}}
+    out["model"] = run.get("base_model", report["model"])
+    out["evaluated"] = report["model"]
+    return out
 
 
 def _sweep_runs(folder: Path, notes: list[str]) -> list[Run]:
