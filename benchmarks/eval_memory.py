@@ -76,10 +76,11 @@ def main() -> None:
         results[name]["ppl_rel_diff"] = abs(chunked["ppl"] - full["ppl"]) / full["ppl"]
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({
-        "benchmark": "perplexity evaluation memory: full logits (before) vs chunked head (after)",
+        "benchmark": "eval_memory",
+        "what": "perplexity evaluation memory: full logits (before) vs chunked head (after)",
         "protocol": {"dataset": "wikitext2 test", "seqlen": args.seqlen, "windows": args.windows, "dtype": "float32",
-                     "device": "cpu", "head_chunk_tokens": __import__("llmprune.eval.perplexity",
-                                                                      fromlist=["HEAD_CHUNK"]).HEAD_CHUNK,
+                     "device": "cpu", "head_chunk_bytes": __import__("llmprune.eval.perplexity",
+                                                                     fromlist=["HEAD_CHUNK_BYTES"]).HEAD_CHUNK_BYTES,
                      "process": "one process per (model, mode); peak RSS = ru_maxrss of that process"},
         "note": "2 CPU cores shared with other jobs: timings are indicative; memory is not affected",
         "results": results, "versions": versions(),

@@ -164,8 +164,17 @@ def protocol_scale(res: Result) -> str:
     return f"{text}; {model['layers']} layers, {size}{cal_text}; host: {host(res)}"
 
 
+def protocol_eval_memory(res: Result) -> str:
+    pr = need(res, "protocol")
+    return (f"perplexity on {pr['dataset']}, seqlen {pr['seqlen']}, {pr['windows']} window(s), {pr['dtype']} on "
+            f"{pr['device']}; {pr['process']}; head chunk {pr['head_chunk_bytes'] / 2**20:.0f} MiB of logits; "
+            f"host: {host(res)}" + (f"; {res.data['note']}" if res.data.get("note") else ""))
+
+
 def protocol(res: Result) -> str:
     kind = res.data.get("benchmark")
+    if kind == "eval_memory":
+        return protocol_eval_memory(res)
     if kind == "structured":
         return protocol_structured(res)
     if kind == "recovery":
@@ -378,10 +387,23 @@ def build_memory(results: list[Result]) -> str:
     return markdown(["method", "model", "peak RSS MB", "prune s"], rows)
 
 
+def build_eval_memory(results: list[Result]) -> str:
+    """Peak RSS and time of perplexity evaluation per model: full logits (before) against the chunked head."""
+    (res,) = results
+    rows = []
+    for model, both in need(res, "results").items():
+        full, chunked = both["full"], both["chunked"]
+        rows.append([model, f"{full['vocab']:,}", mb(full["peak_rss_mb"]), mb(chunked["peak_rss_mb"]),
+                     mb(chunked["peak_rss_mb_after_load"]), secs(full["eval_s"]), secs(chunked["eval_s"]),
+                     ppl(chunked["ppl"]), f"{both['ppl_rel_diff']:.1e}"])
+    return markdown(["model", "vocabulary", "peak RSS MB, full logits", "peak RSS MB, chunked", "after loading MB",
+                     "eval s, full", "eval s, chunked", "ppl", "ppl rel. diff"], rows)
+
+
 BUILDERS: dict[str, Callable[..., str]] = {
     "runs": build_runs, "peer": build_peer, "seeds": build_seeds, "sweep": build_sweep,
     "structured": build_structured, "recovery": build_recovery, "streaming": build_streaming,
-    "memory": build_memory,
+    "memory": build_memory, "eval_memory": build_eval_memory,
 }
 
 

@@ -225,6 +225,18 @@ def test_cli_import_does_not_import_torch() -> None:
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
 
 
+def test_quiet_by_default_verbose_shows_the_libraries(tiny: dict[str, Path]) -> None:
+    """A real process (real stderr): transformers' "Loading weights" bar and warnings only with -v; our bars stay."""
+    args = [sys.executable, "-c", "from llmprune.cli import main; main()", "eval", "--model", str(tiny["model"]),
+            "--eval", str(tiny["calib"]), "--eval-seqlen", "32", "--eval-windows", "1"]
+    quiet = subprocess.run(args, capture_output=True, text=True, check=True)
+    loud = subprocess.run([*args, "-v"], capture_output=True, text=True, check=True)
+    assert "ppl" in quiet.stdout and "eval calib ppl" in quiet.stderr  # the table, and our own progress bar
+    for noise in ("Loading weights", "Warning", "INFO"):
+        assert noise not in quiet.stderr, quiet.stderr
+    assert "Loading weights" in loud.stderr, loud.stderr
+
+
 def test_lazy_names_are_the_functions() -> None:
     """Importing a submodule first must not shadow a public function of the same name (llmprune.export)."""
     code = ("import llmprune.deploy.to_gguf, llmprune.recovery, llmprune; "

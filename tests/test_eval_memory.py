@@ -51,3 +51,36 @@ def test_an_unknown_head_post_processing_falls_back(caplog: pytest.LogCaptureFix
     assert "full logits" in caplog.text
     assert perplexity(model, tokens, seqlen=40)["ppl"] == pytest.approx(
         perplexity(model, tokens, seqlen=40, chunked=False)["ppl"], rel=1e-7)
+
+
+@pytest.mark.parametrize(("family", "overrides"), [("llama", {}), ("gemma2", {"final_logit_softcapping": 3.0}),
+                                                   ("qwen3", {"tie_word_embeddings": True})])
+def test_zeroshot_loglikelihoods_equal_lm_eval(family: str, overrides: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The chunked-head HFLM gives lm-eval's own (log-likelihood, greedy) for every request, with padding
+    in a batch and continuations longer than one chunk."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.models.huggingface import HFLM
+
+    from llmprune.eval import chunked_lm
+    from llmprune.eval import perplexity as ppl_module
+
+    from .conftest import byte_level_tokenizer
+
+    monkeypatch.setattr(ppl_module, "HEAD_CHUNK_BYTES", 1)  # chunks of 16 tokens (the floor)
+    model = tiny_model(family, seed=3, **overrides).eval()
+    tok = byte_level_tokenizer()
+    gen = torch.Generator().manual_seed(1)
+    requests = []
+    for n, (ctx_len, cont_len) in enumerate([(5, 1), (12, 3), (3, 20), (30, 2), (8, 17), (1, 1), (9, 40)]):
+        ctx = torch.randint(3, 96, (ctx_len,), generator=gen).tolist()
+        cont = torch.randint(3, 96, (cont_len,), generator=gen).tolist()
+        requests.append(((f"c{n}", f"x{n}"), ctx, cont))
+    requests.append((("c0", "y"), requests[0][1], [int(torch.randint(3, 96, (1,), generator=gen))]))  # shared context
+    ours = chunked_lm.make_lm(model, tok, batch_size=3)
+    assert ours._llmprune_head is not None
+    stock = HFLM(pretrained=model, tokenizer=tok, batch_size=3)
+    with torch.no_grad():
+        got = ours._loglikelihood_tokens(requests, disable_tqdm=True)
+        want = stock._loglikelihood_tokens(requests, disable_tqdm=True)
+    for (g, g_greedy), (w, w_greedy) in zip(got, want, strict=True):
+        assert g == pytest.approx(w, rel=1e-5, abs=1e-5) and g_greedy == w_greedy

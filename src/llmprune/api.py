@@ -173,6 +173,7 @@ class _Plan:
 
 def _plan(rec: Recipe, tasks: PreparedTasks | None = None, check_output: bool = True) -> _Plan:
     method, pattern = resolve_method(rec)
+    check_moe_calib(rec.calib.moe)  # the recipe's own values first, then the files and the network
     if rec.output is not None and check_output:
         check_output_dir(rec.output, rec.overwrite)
     resolve_data_dir(rec.data_dir)
@@ -187,7 +188,6 @@ def _plan(rec: Recipe, tasks: PreparedTasks | None = None, check_output: bool = 
     require_hub([s for s in (calib_source, *eval_sources) if s is not None])
     if tasks is None and rec.eval.tasks:
         tasks = prepare_tasks(rec.eval.tasks, data_dir=rec.data_dir, include_path=rec.eval.include_path)
-    check_moe_calib(rec.calib.moe)
     device, *extra = pick_devices(rec.model.device)
     pick_dtype(rec.model.dtype, device)  # an unknown dtype fails here, not after the data is read
     return _Plan(rec, method, pattern, calib_source, eval_sources, tasks, device, tuple(extra))

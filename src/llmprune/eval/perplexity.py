@@ -7,9 +7,11 @@ the number of windows (the first ones) to bound the cost on CPU; the report reco
 
 Memory: the [seqlen x vocabulary] logits are never materialized whole. The decoder runs to its
 final hidden states, then the head (and the family's logit post-processing: Gemma-2/3's
-``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``) and the loss run
-over chunks of ``HEAD_CHUNK`` tokens in float32, summed in float64. Gemma-3-270M at seqlen 2048
-(262,144 words) held 2 GB of logits plus a copy and the log-softmax; a chunk holds 256 MB. Each
+``final_logit_softcapping``, Cohere's ``logit_scale``, Granite's ``logits_scaling``, applied in
+place) and the loss run over chunks of tokens in float32, summed in float64. A chunk's logits take
+at most ``HEAD_CHUNK_BYTES`` (32 MiB: 32 tokens of Gemma-3's 262,144 words, 170 of SmolLM2's 49,152;
+never fewer than 16 tokens), whatever the vocabulary and seqlen. Gemma-3-270M at seqlen 2048 held
+2 GB of logits plus a copy and the log-softmax. Each
 call first checks, on a short prefix, that the chunked head gives the model's own logits; a model
 whose head it cannot reproduce (an unknown post-processing) is evaluated with full logits, and a
 warning says so.
@@ -30,7 +32,7 @@ from ..engine.context import calibration_mode
 from ..errors import LLMPruneError
 
 log = logging.getLogger(__name__)
-HEAD_CHUNK = 256  # tokens whose logits exist at once
+HEAD_CHUNK_BYTES = 32 * 2**20  # float32 logits that exist at once
 _CHECK_TOKENS = 16
 _CHECK_RTOL = 1e-4
 
@@ -53,14 +55,19 @@ class _Head:
         return self.decoder(input_ids=ids, use_cache=False).last_hidden_state
 
     def logits(self, hidden: Tensor) -> Tensor:
-        logits = self.head(hidden)
+        logits = self.head(hidden).float()  # a new tensor: the post-processing may work in place
         if self.scale is not None:
-            logits = logits * self.scale
+            logits.mul_(self.scale)
         if self.divide is not None:
-            logits = logits / self.divide
+            logits.div_(self.divide)
         if self.softcap is not None:
-            logits = torch.tanh(logits / self.softcap) * self.softcap
-        return logits.float()
+            logits.div_(self.softcap).tanh_().mul_(self.softcap)
+        return logits
+
+    def chunk_tokens(self) -> int:
+        """Tokens per chunk: their float32 logits fit in ``HEAD_CHUNK_BYTES``."""
+        vocab = getattr(self.head, "out_features", None) or int(self.head.weight.shape[0])
+        return max(16, HEAD_CHUNK_BYTES // (4 * int(vocab)))
 
 
 def chunked_head(model: nn.Module, probe: Tensor) -> _Head | None:
@@ -82,13 +89,15 @@ def chunked_head(model: nn.Module, probe: Tensor) -> _Head | None:
     return head
 
 
-def window_nll(model: nn.Module, ids: Tensor, head: _Head | None, chunk: int = HEAD_CHUNK) -> float:
-    """Mean next-token NLL of one window ``ids`` [1, T]: chunked through ``head``, or from full logits."""
+def window_nll(model: nn.Module, ids: Tensor, head: _Head | None, chunk: int | None = None) -> float:
+    """Mean next-token NLL of one window ``ids`` [1, T]: chunked through ``head`` (``chunk`` tokens at a
+    time; default: :meth:`_Head.chunk_tokens`), or from full logits."""
     targets = ids[0, 1:]
     if head is None:
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         return F.cross_entropy(logits, targets, reduction="mean").item()
     hidden = head.hidden(ids)[0, :-1]
+    chunk = chunk or head.chunk_tokens()
     total = 0.0
     for start in range(0, hidden.shape[0], chunk):
         logits = head.logits(hidden[start:start + chunk])

@@ -282,7 +282,7 @@ def run_zeroshot(model: Any, tokenizer: Any, prepared: PreparedTasks, *, num_few
     if limit is not None and limit < 1:
         raise LLMPruneError(f"--limit must be at least 1 document per task, got {limit}")
     lm_eval = _lm_eval()
-    from lm_eval.models.huggingface import HFLM
+    from .chunked_lm import make_lm
 
     if device is not None:
         model.to(device)
@@ -290,7 +290,7 @@ def run_zeroshot(model: Any, tokenizer: Any, prepared: PreparedTasks, *, num_few
     model.eval()
     t0 = time.perf_counter()
     try:
-        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        lm = make_lm(model, tokenizer, batch_size)  # HFLM, log-likelihoods through the chunked head
         # lm-eval records the git hash of the working directory by running git (noise on stderr
         # outside a repository, and not a fact about the model): our report records versions instead.
         with mock.patch("lm_eval.evaluator.get_git_commit_hash", lambda: None):
