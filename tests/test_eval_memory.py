@@ -84,3 +84,18 @@ def test_zeroshot_loglikelihoods_equal_lm_eval(family: str, overrides: dict, mon
         want = stock._loglikelihood_tokens(requests, disable_tqdm=True)
     for (g, g_greedy), (w, w_greedy) in zip(got, want, strict=True):
         assert g == pytest.approx(w, rel=1e-5, abs=1e-5) and g_greedy == w_greedy
+
+
+@pytest.mark.parametrize("chunked", [True, False])
+def test_batched_windows_give_the_same_perplexity(chunked: bool) -> None:
+    """Several windows per forward (what CUDA uses) give each window's own NLL: the same perplexity."""
+    from llmprune.eval.perplexity import windows_per_forward
+
+    model = tiny_model("llama", seed=4)
+    tokens = torch.randint(0, 96, (5 * 40 + 7,), generator=torch.Generator().manual_seed(2))
+    one = perplexity(model, tokens, seqlen=40, chunked=chunked, batch=1)
+    for batch in (2, 3, 5):
+        res = perplexity(model, tokens, seqlen=40, chunked=chunked, batch=batch)
+        assert res["ppl"] == pytest.approx(one["ppl"], rel=1e-6) and res["windows"] == 5, batch
+        assert res["windows_per_forward"] == batch
+    assert windows_per_forward(model, 40, torch.device("cpu"), 5) == 1 and one["windows_per_forward"] == 1
