@@ -276,8 +276,6 @@ def test_cli_export(tmp_path: Path) -> None:
 
 @needs_llama_cpp
 @pytest.mark.slow
-@pytest.mark.skip(reason="failed on the merged main on 2026-12-07 (first run; written on a branch where it was "
-                  "never run), not yet diagnosed: fix and re-enable")
 def test_smollm2_cfsp_export_runs_in_llama_cpp(smollm2, tmp_path: Path, data_dir: Path) -> None:
     """The built-in SmolLM2, CFSP 20% with per-layer widths: written as 'deci' at its own widths, the
     tokenizer copied from the source GGUF, llama.cpp's log-probs within f32 tolerance of PyTorch's."""
@@ -288,9 +286,9 @@ def test_smollm2_cfsp_export_runs_in_llama_cpp(smollm2, tmp_path: Path, data_dir
     assert result.arch == "deci" and len(set(result.mlp_widths)) > 1 and "copied from" in result.tokenizer
     model, tok = llmprune.load(run, dtype="float32")
     ids = tok("The capital of France is Paris, and the capital of Italy is")["input_ids"]
-    llm = _llama(tmp_path / "cfsp.gguf")
+    llm = _llama(tmp_path / "cfsp.gguf", f32_cache=True)  # f32 weights and an f32 KV cache (its default f16 cache: 1.1e-2)
     assert llm.tokenize(b"The capital of France is", add_bos=False) == tok("The capital of France is")["input_ids"]
     diff = float(np.abs(_lcpp_logprobs(llm, ids) - _torch_logprobs(model, ids)).max())
-    assert diff < 1e-2, diff
+    assert diff < 2e-3, diff
     assert _lcpp_greedy(llm, ids, 6) == _torch_greedy(model, ids, 6)
     llm.close()
