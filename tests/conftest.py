@@ -12,7 +12,7 @@ import transformers as tf
 from llmprune.models.byte_tokenizer import byte_level_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("LLMPRUNE_DATA_DIR") or REPO.parent / "shared" / "data")
+DATA_DIR = Path(os.environ.get("LLMPRUNE_DATA_DIR") or REPO.parent / "shared" / "data").absolute()  # tests chdir
 
 # Small widths chosen so 2:4, 4:8 and 1:4 tile every linear; sliding windows (8) are shorter than
 # the calibration/eval lengths the tests use (32+), so a wrong mask per layer changes the logits.

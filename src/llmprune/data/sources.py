@@ -66,7 +66,9 @@ def resolve_data_dir(data_dir: str | None) -> Path | None:
     if not path.is_dir():
         origin = "--data-dir" if data_dir else "LLMPRUNE_DATA_DIR"
         raise LLMPruneError(f"data directory {chosen} (from {origin}) does not exist; point it at a local mirror such as ../shared/data")
-    return path
+    # absolute: the files a run records are then named relative to the mirror (io.public), whatever
+    # the working directory, instead of leaking a relative local path such as ../shared/data/...
+    return Path(os.path.normpath(path.absolute()))
 
 
 def split_name(dataset: str) -> tuple[str, str | None]:
