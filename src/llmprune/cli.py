@@ -67,6 +67,16 @@ def opt_data_dir() -> Any:
                         "needed when the Hugging Face Hub is unreachable", show_default="the Hub")
 
 
+def opt_nsamples() -> Any:
+    return typer.Option(None, "--nsamples", help="number of calibration windows",
+                        show_default=str(DEFAULTS["calib.nsamples"]))
+
+
+def opt_seqlen() -> Any:
+    return typer.Option(None, "--seqlen", help="calibration window length in tokens",
+                        show_default=str(DEFAULTS["calib.seqlen"]))
+
+
 def opt_seed(default: int | None = None) -> Any:
     return typer.Option(default, "--seed", help="random seed of the calibration/evaluation sampling",
                         show_default=str(DEFAULTS["calib.seed"]) if default is None else True)
@@ -325,10 +335,8 @@ def prune(
     calib_dataset: str | None = typer.Option(None, "--calib-dataset", help="calibration text: c4, wikitext2 "
                                              "(optionally :split) or a local .txt/.jsonl/.json/.parquet file",
                                              show_default=str(DEFAULTS["calib.dataset"])),
-    nsamples: int | None = typer.Option(None, "--nsamples", help="number of calibration windows",
-                                        show_default=str(DEFAULTS["calib.nsamples"])),
-    seqlen: int | None = typer.Option(None, "--seqlen", help="calibration window length in tokens",
-                                      show_default=str(DEFAULTS["calib.seqlen"])),
+    nsamples: int | None = opt_nsamples(),
+    seqlen: int | None = opt_seqlen(),
     seed: int | None = opt_seed(),
     data_dir: str | None = opt_data_dir(),
     eval_: str | None = typer.Option(None, "--eval", help="perplexity datasets after pruning, comma-separated: "
@@ -503,10 +511,8 @@ def sweep(
                                        show_default="unstructured"),
     calib_dataset: str | None = typer.Option(None, "--calib-dataset", help="calibration text: c4, wikitext2 or a "
                                              "local file", show_default=str(DEFAULTS["calib.dataset"])),
-    nsamples: int | None = typer.Option(None, "--nsamples", help="number of calibration windows",
-                                        show_default=str(DEFAULTS["calib.nsamples"])),
-    seqlen: int | None = typer.Option(None, "--seqlen", help="calibration window length in tokens",
-                                      show_default=str(DEFAULTS["calib.seqlen"])),
+    nsamples: int | None = opt_nsamples(),
+    seqlen: int | None = opt_seqlen(),
     seed: int | None = opt_seed(),
     data_dir: str | None = opt_data_dir(),
     eval_: str | None = typer.Option(None, "--eval", help="perplexity datasets, comma-separated", show_default="none"),
