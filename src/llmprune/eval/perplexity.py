@@ -101,8 +101,11 @@ def window_nll(model: nn.Module, ids: Tensor, head: _Head | None, chunk: int | N
     if head is None:
         logits = model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         return F.cross_entropy(logits, targets, reduction="mean").item()
-    hidden = head.hidden(ids)[0, :-1]
-    chunk = chunk or head.chunk_tokens()
+    return _chunked_nll(head, head.hidden(ids)[0, :-1], targets, chunk or head.chunk_tokens())
+
+
+def _chunked_nll(head: _Head, hidden: Tensor, targets: Tensor, chunk: int) -> float:
+    """Mean NLL of ``targets`` [T] from the hidden states [T, d] that predict them, ``chunk`` tokens at a time."""
     total = 0.0
     for start in range(0, hidden.shape[0], chunk):
         logits = head.logits(hidden[start:start + chunk])
@@ -120,16 +123,7 @@ def batch_nll(model: nn.Module, ids: Tensor, head: _Head | None) -> list[float]:
         losses = F.cross_entropy(logits.transpose(1, 2), ids[:, 1:], reduction="none")
         return [float(v) for v in losses.double().mean(dim=1)]
     hidden = head.hidden(ids)
-    out = []
-    for row in range(ids.shape[0]):
-        targets, h = ids[row, 1:], hidden[row, :-1]
-        chunk, total = head.chunk_tokens(), 0.0
-        for start in range(0, h.shape[0], chunk):
-            logits = head.logits(h[start:start + chunk])
-            total += float(F.cross_entropy(logits, targets[start:start + chunk], reduction="sum").double())
-            del logits
-        out.append(total / targets.numel())
-    return out
+    return [_chunked_nll(head, hidden[row, :-1], ids[row, 1:], head.chunk_tokens()) for row in range(ids.shape[0])]
 
 
 def windows_per_forward(model: nn.Module, seqlen: int, device: torch.device, count: int) -> int:
