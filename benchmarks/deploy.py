@@ -9,14 +9,14 @@ q4_k_m (llama.cpp's quantizer; Wanda's q4_k_m with ``allow_fill``, the zeros it 
 In llama.cpp (llama-cpp-python, ``--threads`` threads), all variants in one process:
 - prefill tokens/s: one ``eval`` of a ``--prefill``-token WikiText-2 prompt (batch = prompt);
 - decode tokens/s: ``--decode`` single-token steps after a 16-token prompt (KV cache);
-  median of ``--repeats`` runs each;
+  median of ``--repeats`` rounds, each round measuring every file once, after all files are written;
 - file size, and weight bytes read per decoded token (every tensor of the file but the token
   embedding, which a decode step reads one row of; a tied output matrix is the embedding, read
   whole); the ideal decode speed-up is dense bytes / pruned bytes;
 - WikiText-2 test perplexity through llama.cpp (``--eval-windows`` windows of ``--eval-seqlen``
   tokens, the same windows and token ids as PyTorch), beside PyTorch float32's.
 
-    nice -n 10 .venv/bin/python benchmarks/deploy.py --data-dir ../shared/data
+    .venv/bin/python benchmarks/deploy.py --data-dir ../shared/data   # alone: the speed rows are timings
 """
 
 from __future__ import annotations
@@ -51,7 +51,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cfsp30_round32": {"method": "cfsp", "sparsity": 0.3, "method_options": {"round_to": 32}},
     "cfsp30_round256": {"method": "cfsp", "sparsity": 0.3, "method_options": {"round_to": 256}},
 }
-DEFAULT_VARIANTS = ("dense", "cfsp10", "cfsp20", "cfsp30", "cfsp50", "cfsp30_uniform", "cfsp50_uniform", "wanda50")
+DEFAULT_VARIANTS = ("dense", "cfsp10", "cfsp20", "cfsp30", "cfsp50", "cfsp30_uniform", "cfsp50_uniform", "cfsp30_round256",
+                    "wanda50")
 TYPES = ("f16", "q4_k_m")
 
 
@@ -154,7 +155,10 @@ def main() -> None:
     windows = [stream[i * args.eval_seqlen:(i + 1) * args.eval_seqlen] for i in range(args.eval_windows)]
     prompt = stream[-args.prefill:]
     rows: dict[str, Any] = {}
+    files: list[tuple[str, str, Path]] = []
     t_start = time.perf_counter()
+    load_start = os.getloadavg()
+    # phase 1: prune, export, perplexity in PyTorch and in llama.cpp (exact, not timing-sensitive)
     for name in args.variants.split(","):
         spec = VARIANTS[name]
         run = work / name
@@ -176,12 +180,27 @@ def main() -> None:
                             n_threads=args.threads, logits_all=True, verbose=False)
             entry = {"arch": res.arch, "mlp_widths": res.mlp_widths, "padded": res.padded,
                      "file_bytes": path.stat().st_size, "weight_bytes_per_token": weight_bytes_per_token(path),
-                     "zeros_filled": res.zeros_filled, "ppl_llama_cpp": round(llama_ppl(ppl_llm, windows), 4)}
+                     "zeros_filled": res.zeros_filled, "ppl_llama_cpp": round(llama_ppl(ppl_llm, windows), 4),
+                     "prefill_runs": [], "decode_runs": []}
             ppl_llm.close()
-            entry.update(speed(path, prompt, args.decode, args.repeats, args.threads))
             row["types"][qtype] = entry
+            files.append((name, qtype, path))
             print(name, qtype, {k: v for k, v in entry.items() if k != "mlp_widths"}, flush=True)
         rows[name] = row
+    # phase 2: speed, in rounds over every file, so that a disturbance of the machine spreads over all
+    # variants instead of falling on one (each round measures every file once; median over rounds)
+    load_speed = os.getloadavg()
+    for r in range(args.repeats):
+        for name, qtype, path in files:
+            e = rows[name]["types"][qtype]
+            s = speed(path, prompt, args.decode, 1, args.threads)
+            e["prefill_runs"] += s["prefill_runs"]
+            e["decode_runs"] += s["decode_runs"]
+            print(f"round {r + 1}/{args.repeats}", name, qtype, s["prefill_runs"], s["decode_runs"], flush=True)
+    for row in rows.values():
+        for e in row["types"].values():
+            e["prefill_tok_s"] = round(statistics.median(e["prefill_runs"]), 2)
+            e["decode_tok_s"] = round(statistics.median(e["decode_runs"]), 2)
     dense = rows.get("dense")
     if dense:
         for row in rows.values():
@@ -197,13 +216,15 @@ def main() -> None:
         "protocol": {k: v for k, v in vars(args).items() if k not in ("work", "output")} | {
             "calibration": "c4 (local mirror), seed 0", "eval": "wikitext2 test, first windows",
             "speed": "median of repeats; prefill = one eval of the prompt, decode = single-token evals after 16"},
-        "note": ("the 2 CPU cores were shared with other jobs while this ran; absolute timings are indicative, "
-                 "ratios within this run still count; run under nice -n 10"),
+        "note": ("speed is measured after every file is written, in rounds over all files (median over rounds), "
+                 "so that a disturbance of the machine spreads over the variants; the load averages say how busy "
+                 "the machine was"),
         "variants": {k: VARIANTS[k] for k in rows},
         "results": rows,
         "total_s": round(time.perf_counter() - t_start, 1),
         "versions": versions() | {"llama_cpp_python": llama_cpp.__version__},
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_end": os.getloadavg()},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_average_at_start": load_start,
+                    "load_average_before_speed": load_speed, "load_average_at_end": os.getloadavg()},
         "command": " ".join(["benchmarks/deploy.py", *sys.argv[1:]]),
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -171,8 +171,18 @@ def protocol_eval_memory(res: Result) -> str:
             f"host: {host(res)}" + (f"; {res.data['note']}" if res.data.get("note") else ""))
 
 
+def protocol_deploy(res: Result) -> str:
+    pr = need(res, "protocol")
+    return (f"SmolLM2-135M in llama.cpp (llama-cpp-python {need(res, 'versions', 'llama_cpp_python')}), "
+            f"{pr['threads']} threads; calibration c4 {pr['nsamples']} x {pr['seqlen']} tokens, seed 0; prefill "
+            f"{pr['prefill']} tokens, decode {pr['decode']} tokens, median of {pr['repeats']} rounds over all files; "
+            f"perplexity: WikiText-2 test, {pr['eval_windows']} windows of {pr['eval_seqlen']} tokens; host: {host(res)}")
+
+
 def protocol(res: Result) -> str:
     kind = res.data.get("benchmark")
+    if isinstance(kind, str) and kind.startswith("deploy"):
+        return protocol_deploy(res)
     if kind == "eval_memory":
         return protocol_eval_memory(res)
     if kind == "structured":
@@ -400,10 +410,44 @@ def build_eval_memory(results: list[Result]) -> str:
                      "eval s, full", "eval s, chunked", "ppl", "ppl rel. diff"], rows)
 
 
+DEPLOY_LABELS = {"dense": "dense", "wanda50": "Wanda 50% (unstructured)"}
+
+
+def deploy_label(name: str, variant: dict[str, Any]) -> str:
+    if name in DEPLOY_LABELS:
+        return DEPLOY_LABELS[name]
+    opts = variant.get("method_options") or {}
+    widths = ("uniform widths" if opts.get("uniform") else
+              f"per-layer widths, multiples of {opts['round_to']}" if opts.get("round_to") else "per-layer widths")
+    return f"{NAMES.get(variant['method'], variant['method'])} {variant['sparsity']:.0%} of MLP channels, {widths}"
+
+
+def build_deploy(results: list[Result], variants: list[str] | None = None, types: list[str] | None = None) -> str:
+    """Speed, size and perplexity of GGUF exports in llama.cpp, against the dense export of the same type.
+    The ideal decode speed-up is dense weight bytes per decoded token over the variant's."""
+    (res,) = results
+    rows = []
+    for name, row in need(res, "results").items():
+        if variants is not None and name not in variants:
+            continue
+        label = deploy_label(name, res.data["variants"][name])
+        for qtype, e in row["types"].items():
+            if types is not None and qtype not in types:
+                continue
+            rows.append([label, qtype, f"`{e['arch']}`", mb(e["file_bytes"] / 1e6),
+                         mb(e["weight_bytes_per_token"] / 1e6), f"{e['prefill_tok_s']:.0f}",
+                         f"{e['decode_tok_s']:.1f}", f"{e['prefill_speedup']:.2f}x",
+                         f"{e['decode_speedup']:.2f}x ({e['ideal_decode_speedup']:.2f}x)",
+                         f"{e['ppl_llama_cpp']:.2f}", f"{row['ppl_pytorch_f32']:.2f}"])
+    return markdown(["model", "type", "llama.cpp arch", "file MB", "weights read per token MB", "prefill tok/s",
+                     "decode tok/s", "prefill speed-up", "decode speed-up (ideal)", "ppl llama.cpp",
+                     "ppl PyTorch f32"], rows)
+
+
 BUILDERS: dict[str, Callable[..., str]] = {
     "runs": build_runs, "peer": build_peer, "seeds": build_seeds, "sweep": build_sweep,
     "structured": build_structured, "recovery": build_recovery, "streaming": build_streaming,
-    "memory": build_memory, "eval_memory": build_eval_memory,
+    "memory": build_memory, "eval_memory": build_eval_memory, "deploy": build_deploy,
 }
 
 
