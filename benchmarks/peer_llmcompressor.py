@@ -73,6 +73,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--output", required=True, type=Path,
                    help="folder for the pruned model (dense safetensors)")
     p.add_argument("--json", required=True, type=Path, help="results file")
+    p.add_argument("--profile", default="uniform", choices=["uniform", "owl"],
+                   help="layer-wise sparsity: uniform, or owl (llm-compressor's sparsity_profile='owl')")
+    p.add_argument("--owl-m", type=float, default=5.0, help="owl only: outlier threshold M (owl_m)")
+    p.add_argument("--owl-lambda", type=float, default=0.08, help="owl only: spread lambda (owl_lmbda)")
     p.add_argument("--batch-size", type=int, default=1,
                    help="calibration batch size (llm-compressor default 1)")
     p.add_argument("--threads", type=int, default=None,
@@ -92,6 +96,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                     "(llm-compressor ignores sparsity in N:M mode)")
     if args.batch_size < 1:
         p.error("--batch-size must be >= 1")
+    if args.profile == "owl" and args.nm is not None:
+        p.error("--profile owl is layer-wise unstructured sparsity; it does not apply to an N:M --pattern")
     return args
 
 
@@ -131,6 +137,21 @@ def sparsity_stats(linears, nm):
         stats["nm_groups"] = groups
         stats["nm_groups_ok_fraction"] = groups_ok / groups if groups else None
     return stats
+
+
+def layer_zero_fractions(linears):
+    """Zero fraction of each decoder layer's linears together, in layer order (the allocation OWL chose)."""
+    import re
+
+    zeros, total = {}, {}
+    for name, lin in linears:
+        found = re.search(r"layers\.(\d+)\.", name)
+        if found is None:
+            continue
+        i = int(found.group(1))
+        zeros[i] = zeros.get(i, 0) + int((lin.weight == 0).sum())
+        total[i] = total.get(i, 0) + lin.weight.numel()
+    return [zeros[i] / total[i] for i in sorted(total)]
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -214,6 +235,8 @@ def main(argv=None) -> int:
         "targets": layer_classes,
         "ignore": ["re:.*lm_head"],
     }
+    if args.profile == "owl":
+        modifier_args.update(sparsity_profile="owl", owl_m=args.owl_m, owl_lmbda=args.owl_lambda)
     if args.method == "sparsegpt":
         modifier_args.update(block_size=128, dampening_frac=0.01,
                              preserve_sparsity_mask=False, offload_hessians=False)
@@ -257,6 +280,7 @@ def main(argv=None) -> int:
         "method": args.method,
         "sparsity": args.sparsity,
         "pattern": args.pattern,
+        "profile": args.profile,
         "modifier": type(modifier).__name__,
         "modifier_args": modifier_args,
         "oneshot_args": oneshot_args,
@@ -265,6 +289,7 @@ def main(argv=None) -> int:
         "prune_seconds": prune_seconds,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         **stats,
+        "layer_zero_fractions": layer_zero_fractions(linears),
         "num_decoder_linears": len(linears),
         "model": str(args.model.resolve()),
         "calib": str(args.calib.resolve()),

@@ -91,22 +91,38 @@ def run(cmd: list[str], log: Path) -> float:
     return round(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime, 1)
 
 
-def run_key(tool: str, method: str, pattern: str, options: dict[str, Any]) -> str:
-    return json.dumps([tool, method, pattern, options], sort_keys=True)
+def run_key(tool: str, method: str, pattern: str, options: dict[str, Any], target: float) -> str:
+    return json.dumps([tool, method, pattern, options, round(target, 6)], sort_keys=True)
 
 
-def ours(args: argparse.Namespace, work: Path, method: str, pattern: str, options: dict[str, Any]) -> dict[str, Any]:
-    tag = f"llmprune-{method}-{pattern.replace(':', 'of')}" + "".join(f"-{k}{v}" for k, v in options.items())
+def target_of(args: argparse.Namespace, pattern: str, target: float | None = None) -> float:
+    """The sparsity a run asks for: ``target`` (one of --sparsities) for unstructured, 1 - N/M for N:M."""
+    if pattern == "unstructured":
+        return float(target if target is not None else args.sparsity)
+    n, m = (int(x) for x in pattern.split(":"))
+    return 1 - n / m
+
+
+def tag_of(tool: str, method: str, pattern: str, target: float, options: dict[str, Any]) -> str:
+    kind = f"unstructured{round(target * 100)}" if pattern == "unstructured" else pattern.replace(":", "of")
+    return f"{tool}-{method}-{kind}" + "".join(f"-{k}{v}" for k, v in options.items())
+
+
+def ours(args: argparse.Namespace, work: Path, method: str, pattern: str, options: dict[str, Any],
+         target: float | None = None) -> dict[str, Any]:
+    target = target_of(args, pattern, target)
+    tag = tag_of("llmprune", method, pattern, target, options)
     out = work / tag
     cmd = [sys.executable, "-m", "llmprune.cli", "prune", "--model", args.model, "--method", method,
            "--calib-dataset", "c4", "--nsamples", str(args.nsamples), "--seqlen", str(args.seqlen), "--seed", str(args.calib_seed),
            "--data-dir", args.data_dir, "--output", str(out), "--overwrite"]
-    cmd += ["--pattern", pattern] if pattern != "unstructured" else ["--sparsity", str(args.sparsity)]
+    cmd += ["--pattern", pattern] if pattern != "unstructured" else ["--sparsity", str(target)]
     for key, value in options.items():
         cmd += ["--set", f"method.{key}={value}"]
     cpu_s = run(cmd, work / f"{tag}.log")
     rep = json.loads((out / "llmprune.json").read_text())
-    return {"tool": "llmprune", "method": method, "pattern": pattern, "request": options, "options": rep["recipe"]["method"],
+    return {"tool": "llmprune", "method": method, "pattern": pattern, "target": target, "request": options,
+            "options": rep["recipe"]["method"], "allocation": rep.get("allocation"),
             "prune_s": rep["timings"]["prune_s"], "process_cpu_s": cpu_s, "peak_rss_mb": rep["memory"]["peak_rss_mb"],
             "sparsity": rep["sparsity"]["overall"], "nm_valid": rep["sparsity"].get("nm_valid"),
             "calib_hash": rep["calibration"].get("tokens_sha256") if rep["calibration"] else None,
@@ -114,16 +130,22 @@ def ours(args: argparse.Namespace, work: Path, method: str, pattern: str, option
             if method == "barber" else None, "folder": str(out)}
 
 
-def peer(args: argparse.Namespace, work: Path, method: str, pattern: str, calib_file: Path, model_dir: Path) -> dict[str, Any]:
-    tag = f"llmcompressor-{method}-{pattern.replace(':', 'of')}"
+def peer(args: argparse.Namespace, work: Path, method: str, pattern: str, calib_file: Path, model_dir: Path,
+         request: dict[str, Any] | None = None, target: float | None = None) -> dict[str, Any]:
+    """An llm-compressor run; ``request`` {"profile": "owl"} asks for its OWL allocation (with --owl-m/--owl-lambda)."""
+    request = request or {}
+    target = target_of(args, pattern, target)
+    tag = tag_of("llmcompressor", method, pattern, target, request)
     out, js = work / tag, work / f"{tag}.json"
-    sparsity = args.sparsity if pattern == "unstructured" else 1 - int(pattern.split(":")[0]) / int(pattern.split(":")[1])
     cmd = [str(args.peer_python), str(REPO / "benchmarks" / "peer_llmcompressor.py"), "--model", str(model_dir),
-           "--calib", str(calib_file), "--method", method, "--sparsity", str(sparsity), "--pattern", pattern,
+           "--calib", str(calib_file), "--method", method, "--sparsity", str(target), "--pattern", pattern,
            "--output", str(out), "--json", str(js)]
+    if request.get("profile") == "owl":
+        cmd += ["--profile", "owl", "--owl-m", str(args.owl_m), "--owl-lambda", str(args.owl_lambda)]
     cpu_s = run(cmd, work / f"{tag}.log")
     rep = json.loads(js.read_text())
-    return {"tool": "llmcompressor", "method": method, "pattern": pattern, "request": {}, "options": rep.get("modifier_args"),
+    return {"tool": "llmcompressor", "method": method, "pattern": pattern, "target": target, "request": request,
+            "options": rep.get("modifier_args"), "layer_zero_fractions": rep.get("layer_zero_fractions"),
             "prune_s": rep["prune_seconds"], "process_cpu_s": cpu_s, "peak_rss_mb": rep["peak_rss_mb"], "sparsity": rep.get("zero_fraction"),
             "versions": {k: v for k, v in rep.items() if k.endswith("version") or k == "versions"}, "folder": str(out)}
 
@@ -142,7 +164,16 @@ def main() -> None:
     ap.add_argument("--nsamples", type=int, default=32, help="calibration windows (up to 128)")
     ap.add_argument("--seqlen", type=int, default=2048)
     ap.add_argument("--calib-seed", type=int, default=0, help="seed of the calibration windows (both tools get the same)")
-    ap.add_argument("--sparsity", type=float, default=0.5)
+    ap.add_argument("--sparsity", type=float, default=0.5, help="unstructured target (one; see --sparsities)")
+    ap.add_argument("--sparsities", default=None, help="unstructured targets, comma-separated (default: --sparsity)")
+    ap.add_argument("--allocations", default="uniform",
+                    help="layer-wise allocation of our unstructured runs: uniform, owl (comma-separated; N:M: uniform)")
+    ap.add_argument("--reconstructs", default="none",
+                    help="our wanda/magnitude/sparsegpt runs: none, obs, exact (method.reconstruct with that solver; "
+                         "sparsegpt: exact only), comma-separated")
+    ap.add_argument("--peer-profiles", default="uniform", help="llm-compressor's sparsity_profile: uniform, owl")
+    ap.add_argument("--owl-m", type=float, default=5.0, help="OWL's outlier threshold M (both tools)")
+    ap.add_argument("--owl-lambda", type=float, default=0.08, help="OWL's lambda (both tools)")
     ap.add_argument("--eval-windows", type=int, default=32)
     ap.add_argument("--all-windows", action="store_true")
     ap.add_argument("--methods", default="magnitude,wanda,sparsegpt,barber")
@@ -172,7 +203,10 @@ def main() -> None:
                                ("--barber-inits", args.barber_inits, set(BARBER_PRESETS)),
                                ("--peer-methods", args.peer_methods, {"wanda", "sparsegpt"}),
                                ("--sweep-granularities", args.sweep_granularities, set(SWEEP_GRANULARITIES)),
-                               ("--sweep-ratios", args.sweep_ratios, set(map(str, SWEEP_RATIOS)))):
+                               ("--sweep-ratios", args.sweep_ratios, set(map(str, SWEEP_RATIOS))),
+                               ("--allocations", args.allocations, {"uniform", "owl"}),
+                               ("--reconstructs", args.reconstructs, {"none", "obs", "exact"}),
+                               ("--peer-profiles", args.peer_profiles, {"uniform", "owl"})):
         unknown = sorted(set(value.split(",")) - known)
         if unknown:
             ap.error(f"{flag}: unknown {', '.join(unknown)}; choose from {', '.join(sorted(known))} (comma-separated)")
@@ -224,16 +258,19 @@ def main() -> None:
         result["commands"] = old.get("commands", []) + result["commands"]  # every command that wrote rows
         if old.get("notes"):  # what was written about the earlier rows (load, pauses) stays with them
             result["notes"] = old["notes"]
-        finished = {run_key(r["tool"], r["method"], r["pattern"], r.get("request", {})) for r in old["runs"]}
+        # rows written before --sparsities have no "target": they ran at --sparsity (0.5 in every such file)
+        finished = {run_key(r["tool"], r["method"], r["pattern"], r.get("request", {}),
+                            r.get("target", target_of(args, r["pattern"], 0.5))) for r in old["runs"]}
 
-    def done(tool: str, method: str, pattern: str, options: dict[str, Any]) -> bool:
-        return run_key(tool, method, pattern, options) in finished
+    def done(tool: str, method: str, pattern: str, options: dict[str, Any], target: float | None = None) -> bool:
+        return run_key(tool, method, pattern, options, target_of(args, pattern, target)) in finished
 
     def record(entry: dict[str, Any]) -> None:
         entry["wikitext2"] = ppl(entry["folder"])
         result["runs"].append(entry)
         write_json_atomic(args.output, result)
-        print(f"{entry['tool']:>13} {entry['method']:>10} {entry['pattern']:>12}  ppl {entry['wikitext2']['ppl']:9.3f}  "
+        print(f"{entry['tool']:>13} {entry['method']:>10} {entry['pattern']:>12} {entry['target']:.2f} {entry['request']}  "
+              f"ppl {entry['wikitext2']['ppl']:9.3f}  "
               f"prune {entry['prune_s']:7.1f}s  rss {entry['peak_rss_mb']:6.0f}MB  sparsity {entry['sparsity']}", flush=True)
 
     if not result.get("dense"):
@@ -242,21 +279,38 @@ def main() -> None:
     print(f"dense ppl {result['dense']['wikitext2']['ppl']:.3f}", flush=True)
     del model
 
+    targets = [float(x) for x in args.sparsities.split(",")] if args.sparsities else [args.sparsity]
+    owl = {"allocation": "owl", "owl_m": args.owl_m, "owl_lambda": args.owl_lambda}
     for pattern in patterns:
-        for method in methods:
-            if method == "barber":
-                kind = "unstructured" if pattern == "unstructured" else "nm"
-                configs = args.barber_configs.split(",")
-                todo = ([{"init": init, **preset} for init, preset in BARBER_PRESETS.items()] if "presets" in configs else [])
-                todo += BARBER_EXTRAS[kind] if "extras" in configs else []
-                todo += BARBER_RECONSTRUCT[kind] if "reconstruct" in configs else []
-                todo += BARBER_EXACT[kind] if "exact" in configs else []
-                for options in (o for o in todo if o["init"] in barber_inits):
-                    done("llmprune", "barber", pattern, options) or record(ours(args, work, "barber", pattern, options))
-            else:
-                done("llmprune", method, pattern, {}) or record(ours(args, work, method, pattern, {}))
-            if use_peer and method in args.peer_methods.split(","):
-                done("llmcompressor", method, pattern, {}) or record(peer(args, work, method, pattern, calib_file, model_dir))
+        for target in targets if pattern == "unstructured" else [None]:
+            allocations = [{}] + ([owl] if "owl" in args.allocations.split(",") and pattern == "unstructured" else [])
+            allocations = allocations if "uniform" in args.allocations.split(",") else allocations[1:]
+            for method in methods:
+                if method == "barber":
+                    kind = "unstructured" if pattern == "unstructured" else "nm"
+                    configs = args.barber_configs.split(",")
+                    todo = ([{"init": init, **preset} for init, preset in BARBER_PRESETS.items()]
+                            if "presets" in configs else [])
+                    todo += BARBER_EXTRAS[kind] if "extras" in configs else []
+                    todo += BARBER_RECONSTRUCT[kind] if "reconstruct" in configs else []
+                    todo += BARBER_EXACT[kind] if "exact" in configs else []
+                    for options in (o | a for o in todo if o["init"] in barber_inits for a in allocations):
+                        done("llmprune", "barber", pattern, options, target) or record(
+                            ours(args, work, "barber", pattern, options, target))
+                else:
+                    solvers = [r for r in args.reconstructs.split(",") if method != "sparsegpt" or r != "obs"]
+                    for rec in solvers:
+                        extra = {} if rec == "none" else {"reconstruct": True, "reconstruct_solver": rec}
+                        for options in (extra | a for a in allocations):
+                            done("llmprune", method, pattern, options, target) or record(
+                                ours(args, work, method, pattern, options, target))
+                if use_peer and method in args.peer_methods.split(","):
+                    for profile in args.peer_profiles.split(","):
+                        if profile == "owl" and pattern != "unstructured":
+                            continue
+                        request = {"profile": "owl"} if profile == "owl" else {}
+                        done("llmcompressor", method, pattern, request, target) or record(
+                            peer(args, work, method, pattern, calib_file, model_dir, request, target))
     if args.barber_sweep and "barber" in METHODS:  # over Wanda: ratio at output granularity first, then the rest
         sweep: list[tuple[str, dict[str, Any]]] = []
         nm_rules = {"output": ("reference", "paired"), "layer": ("reference",), "block": ("reference",), "input": ()}

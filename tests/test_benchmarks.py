@@ -22,7 +22,9 @@ def unstructured(*args: str, timeout: int = 600) -> subprocess.CompletedProcess[
 
 @pytest.mark.parametrize(("flag", "value"), [("--methods", "wanda,wandda"), ("--barber-configs", "presets,reconstrut"),
                                              ("--barber-inits", "wanda,magnitud"), ("--peer-methods", "magnitude"),
-                                             ("--sweep-granularities", "layer,blok"), ("--sweep-ratios", "0.1,0.2")])
+                                             ("--sweep-granularities", "layer,blok"), ("--sweep-ratios", "0.1,0.2"),
+                                             ("--allocations", "uniform,owll"), ("--reconstructs", "none,exat"),
+                                             ("--peer-profiles", "owl,layerwise")])
 def test_unstructured_benchmark_rejects_unknown_names(flag: str, value: str, tmp_path: Path) -> None:
     proc = unstructured(flag, value, "--output", str(tmp_path / "out.json"), "--workdir", str(tmp_path / "work"),
                         timeout=120)
