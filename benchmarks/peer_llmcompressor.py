@@ -236,7 +236,9 @@ def main(argv=None) -> int:
         "ignore": ["re:.*lm_head"],
     }
     if args.profile == "owl":
-        modifier_args.update(sparsity_profile="owl", owl_m=args.owl_m, owl_lmbda=args.owl_lambda)
+        # owl_m is an int field in llm-compressor 0.14 (OWL's M is 5, 7, ... in the paper)
+        owl_m = int(args.owl_m) if float(args.owl_m).is_integer() else args.owl_m
+        modifier_args.update(sparsity_profile="owl", owl_m=owl_m, owl_lmbda=args.owl_lambda)
     if args.method == "sparsegpt":
         modifier_args.update(block_size=128, dampening_frac=0.01,
                              preserve_sparsity_mask=False, offload_hessians=False)
