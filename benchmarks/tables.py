@@ -221,9 +221,20 @@ def run_label(run: dict[str, Any]) -> str:
         label = f"Barber over {NAMES.get(init, init)} ({', '.join(parts)})" + ("; paper preset" if preset else "")
     else:
         label = NAMES.get(method, method)
+        if opts.get("reconstruct") or (method == "sparsegpt" and opts.get("reconstruct_solver") == "exact"):
+            label += " + `reconstruct`" + (", exact solver" if opts.get("reconstruct_solver") == "exact" else "")
+    if opts.get("allocation") == "owl" or (run.get("request") or {}).get("profile") == "owl":
+        label += ", OWL"
     if run.get("tool", "llmprune") != "llmprune":
         label += f" ({PEERS.get(run['tool'], run['tool'])})"
     return label
+
+
+def setting(run: dict[str, Any]) -> str:
+    """The sparsity a run was asked for: "70%" (unstructured) or its N:M pattern."""
+    if run.get("pattern", "unstructured") != "unstructured":
+        return run["pattern"]
+    return f"{run.get('target', 0.5):.0%}"
 
 
 def run_ppl(run: dict[str, Any]) -> float | None:
@@ -253,6 +264,26 @@ def build_runs(results: list[Result], pattern: str | None = None) -> str:
             mb(r.get("peak_rss_mb"))]
         rows.append(row + ([count(swaps(r))] if has_swaps else []))
     return markdown(header, rows)
+
+
+def build_frontier(results: list[Result]) -> str:
+    """Every run of one or more files per setting (50/60/70%, 2:4, 4:8): perplexity against the best
+    llm-compressor row of that setting, prune time and peak RSS as multiples of our uniform Wanda's."""
+    runs = [r for res in results for r in need(res, "runs")]
+    order: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        order.setdefault(setting(r), []).append(r)
+    rows = []
+    for key, group in order.items():
+        peers = [run_ppl(r) for r in group if r.get("tool") != "llmprune" and run_ppl(r)]
+        wanda = next((r for r in group if r.get("tool") == "llmprune" and r["method"] == "wanda"
+                      and not r.get("request")), None)
+        for r in group:
+            vs = f"{run_ppl(r) / min(peers):.3f}" if peers and run_ppl(r) else ""
+            t = f"{r['prune_s'] / wanda['prune_s']:.2f}x" if wanda and r.get("prune_s") else ""
+            m = f"{r['peak_rss_mb'] / wanda['peak_rss_mb']:.2f}x" if wanda and r.get("peak_rss_mb") else ""
+            rows.append([key, run_label(r), ppl(run_ppl(r)), vs, secs(r.get("prune_s")), t, mb(r.get("peak_rss_mb")), m])
+    return markdown(["setting", "run", "ppl", "/ best peer", "prune s", "/ Wanda", "peak RSS MB", "/ Wanda"], rows)
 
 
 def build_peer(results: list[Result]) -> str:
@@ -448,6 +479,7 @@ BUILDERS: dict[str, Callable[..., str]] = {
     "runs": build_runs, "peer": build_peer, "seeds": build_seeds, "sweep": build_sweep,
     "structured": build_structured, "recovery": build_recovery, "streaming": build_streaming,
     "memory": build_memory, "eval_memory": build_eval_memory, "deploy": build_deploy,
+    "frontier": build_frontier,
 }
 
 
