@@ -59,3 +59,24 @@ def test_streamed_moe_equals_in_memory_and_loads_stock(model_type: str, method: 
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, mem.model(input_ids=ids).logits, rtol=0, atol=0)
 
+
+def test_streamed_reap_resumed_after_its_last_layer_writes_the_new_expert_count(calib_file: Path, tmp_path: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    from llmprune.engine.streaming import StreamingStore
+
+    src = save_moe(tmp_path / "src", "mixtral")
+    out = tmp_path / "out"
+
+    def interrupted(self: StreamingStore) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(StreamingStore, "finish", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # every layer written, the folder not assembled yet
+        llmprune.prune(str(src), output=str(out), stream="on", **_args(calib_file, "reap"))
+    monkeypatch.undo()
+    resumed = llmprune.prune(str(src), output=str(out), stream="on", **_args(calib_file, "reap"))
+    assert resumed.report["streaming"]["resumed_at_layer"] == 2
+    llmprune.prune(str(src), output=str(tmp_path / "mem"), stream="off", **_args(calib_file, "reap"))
+    assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2
+    assert_same_tensors(tmp_path / "mem", out)
+    assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "mem" / "config.json").read_text())

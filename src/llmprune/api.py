@@ -26,7 +26,7 @@ from .io.provenance import describe_loaded, describe_source, saved_dtype
 from .io.public import namer_for, public_report
 from .io.save import REPORT_NAME, check_output_dir, finish_folder, install_dir, read_report, save_run
 from .methods import METHODS, Method
-from .methods.experts import ExpertPruning
+from .methods.experts import ExpertPruning, sync_config_counts
 from .methods.structured import ChannelMethod, RemovalStep
 from .models.loading import (
     _structure_record,
@@ -422,6 +422,8 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
                                       batch_size=rec.calib.batch_size, progress=progress, store=store,
                                       extra_devices=plan.extra_devices, moe_calib=rec.calib.moe)
         structure = method.finalize(view)
+        if isinstance(method, ExpertPruning):  # resumed after the last layer: no layer rewrote the config
+            sync_config_counts(view, layer_reports)
     timings = {"load_s": load_s, "data_s": data_s, "prune_s": time.perf_counter() - t0}
     store.finish()
     net.config.dtype = save_dtype  # the config states the dtype of the shards, not of the computation

@@ -152,6 +152,24 @@ class ExpertFrequency(ExpertPruning):
         return acc["tokens"]
 
 
+def sync_config_counts(view: ModelView, layer_reports: list[dict[str, Any]]) -> None:
+    """The config's expert count from the layer reports of a streamed run (same count in every layer).
+
+    A streamed run resumed after its last layer was written removes nothing itself, so the config
+    (updated as each layer loses its experts) still has the checkpoint's count; the reports record
+    what each written layer kept."""
+    kept = {g["kept"] for r in layer_reports for g in (r.get("experts") or {}).values() if "kept" in g}
+    groups = [g for layer in view.layers for g in layer.experts]
+    if len(kept) != 1 or not groups:
+        return
+    count, new = groups[-1].num_experts, kept.pop()
+    if count != new:
+        for config in _configs(view.model):
+            for key in EXPERT_COUNT_KEYS:
+                if getattr(config, key, None) == count:
+                    setattr(config, key, new)
+
+
 def _slice_leading_(module: nn.Module, count: int, keep: Tensor) -> list[str]:
     """Keep rows ``keep`` of the module's own parameters and buffers whose leading dimension is ``count``."""
     changed = []
