@@ -15,6 +15,7 @@ import torch
 import transformers as tf
 
 import llmprune
+from llmprune.errors import LLMPruneError
 from llmprune.models.byte_tokenizer import byte_level_tokenizer
 
 from .moe_families import moe_families, tiny_moe
@@ -58,6 +59,14 @@ def test_streamed_moe_equals_in_memory_and_loads_stock(model_type: str, method: 
     ids = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=ids).logits, mem.model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_streaming_per_layer_expert_counts_is_refused_before_work(calib_file: Path, tmp_path: Path) -> None:
+    src = save_moe(tmp_path / "src", "qwen3_moe")
+    with pytest.raises(LLMPruneError, match="per_layer=true compares the experts of every layer"):
+        llmprune.prune(str(src), output=str(tmp_path / "out"), stream="on", method_options={"per_layer": True},
+                       **_args(calib_file, "reap"))
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
 
 
 def test_streamed_reap_resumed_after_its_last_layer_writes_the_new_expert_count(calib_file: Path, tmp_path: Path,

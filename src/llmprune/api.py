@@ -295,7 +295,7 @@ _STREAM_MEMORY_FRACTION = 0.5  # stream=auto streams a checkpoint larger than th
 def _streamable(cls: type[Method]) -> bool:
     """Whether a method is done with each layer once the engine leaves it (one streamed pass), or
     removes structure by a plan made from per-layer records (two streamed passes, ChannelMethod)."""
-    if issubclass(cls, ChannelMethod):
+    if issubclass(cls, (ChannelMethod, ExpertPruning)):  # expert removal: per layer (per_layer=true: see below)
         return True
     return not cls.structured and cls.propagate == "pruned" and cls.finalize is Method.finalize
 
@@ -307,6 +307,9 @@ def _stream_unsupported(plan: _Plan) -> list[str]:
     if not _streamable(type(method)):
         reasons.append(f"method {method.name} needs all layers before it removes anything (streaming supports "
                        f"{', '.join(streamable_methods())})")
+    if isinstance(method, ExpertPruning) and method.per_layer:
+        reasons.append(f"method {method.name} with method.per_layer=true compares the experts of every layer before "
+                       f"it removes any; prune in memory, or leave per_layer=false (the same count in every layer)")
     if method.initial_pass() is not None:
         reasons.append(f"method {method.name} with order=reference initializes every layer before rebuilding any")
     if rec.eval.datasets or rec.eval.tasks:
