@@ -15,7 +15,6 @@ import torch
 import transformers as tf
 
 import llmprune
-from llmprune.errors import LLMPruneError
 from llmprune.models.byte_tokenizer import byte_level_tokenizer
 
 from .moe_families import moe_families, tiny_moe
@@ -61,13 +60,25 @@ def test_streamed_moe_equals_in_memory_and_loads_stock(model_type: str, method: 
         torch.testing.assert_close(reloaded(input_ids=ids).logits, mem.model(input_ids=ids).logits, rtol=0, atol=0)
 
 
-def test_streaming_per_layer_expert_counts_is_refused_before_work(calib_file: Path, tmp_path: Path) -> None:
+def test_streamed_per_layer_expert_counts_equal_in_memory_and_reload(calib_file: Path, tmp_path: Path) -> None:
+    """Two streamed passes (score every layer, plan, rewrite every layer) give the in-memory result."""
     src = save_moe(tmp_path / "src", "qwen3_moe")
-    with pytest.raises(LLMPruneError, match="per_layer=true compares the experts of every layer"):
-        llmprune.prune(str(src), output=str(tmp_path / "out"), stream="on", method_options={"per_layer": True},
-                       **_args(calib_file, "reap"))
-    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.partial").exists()
-
+    args = {**_args(calib_file, "reap"), "sparsity": 0.375, "method_options": {"per_layer": True}}  # 3 of 8 go
+    mem = llmprune.prune(str(src), output=str(tmp_path / "mem"), stream="off", **args)
+    st = llmprune.prune(str(src), output=str(tmp_path / "str"), stream="on", **args)
+    kept = [r["experts"]["mlp.experts"]["kept"] for r in mem.report["layers"]]
+    assert sorted(kept) == [2, 3]
+    assert_same_tensors(tmp_path / "mem", tmp_path / "str")
+    assert st.report["sparsity"] == mem.report["sparsity"] and st.report["moe"] == mem.report["moe"]
+    assert _expert_reports(st.report) == _expert_reports(mem.report)
+    config = json.loads((tmp_path / "str" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "mem" / "config.json").read_text())
+    assert config["llmprune_structure"] == {"experts_per_layer": kept}
+    assert st.report["loading"] == mem.report["loading"] and st.report["loading"]["stock_from_pretrained"] is False
+    reloaded, _ = llmprune.load(str(tmp_path / "str"))
+    ids = torch.randint(0, 257, (1, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, mem.model(input_ids=ids).logits, rtol=0, atol=0)
 
 def test_streamed_reap_resumed_after_its_last_layer_writes_the_new_expert_count(calib_file: Path, tmp_path: Path,
                                                                                monkeypatch: pytest.MonkeyPatch) -> None:

@@ -295,7 +295,7 @@ _STREAM_MEMORY_FRACTION = 0.5  # stream=auto streams a checkpoint larger than th
 def _streamable(cls: type[Method]) -> bool:
     """Whether a method is done with each layer once the engine leaves it (one streamed pass), or
     removes structure by a plan made from per-layer records (two streamed passes, ChannelMethod)."""
-    if issubclass(cls, (ChannelMethod, ExpertPruning)):  # expert removal: per layer (per_layer=true: see below)
+    if issubclass(cls, (ChannelMethod, ExpertPruning)):  # expert removal: one pass (per_layer=true: two passes)
         return True
     return not cls.structured and cls.propagate == "pruned" and cls.finalize is Method.finalize
 
@@ -307,9 +307,6 @@ def _stream_unsupported(plan: _Plan) -> list[str]:
     if not _streamable(type(method)):
         reasons.append(f"method {method.name} needs all layers before it removes anything (streaming supports "
                        f"{', '.join(streamable_methods())})")
-    if isinstance(method, ExpertPruning) and method.per_layer:
-        reasons.append(f"method {method.name} with method.per_layer=true compares the experts of every layer before "
-                       f"it removes any; prune in memory, or leave per_layer=false (the same count in every layer)")
     if method.initial_pass() is not None:
         reasons.append(f"method {method.name} with order=reference initializes every layer before rebuilding any")
     if rec.eval.datasets or rec.eval.tasks:
@@ -417,7 +414,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     resumed_from = store.start
     t0 = time.perf_counter()
     store.materialize_outside()
-    if isinstance(method, ChannelMethod):
+    if isinstance(method, ChannelMethod) or isinstance(method, ExpertPruning) and method.per_layer:
         layer_reports, structure = _remove_structure_streamed(plan, view, reader, work, settings_id, dtype, calib_ids,
                                                               store, progress)
     else:
@@ -452,11 +449,12 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
 def _remove_structure_streamed(plan: _Plan, view: ModelView, reader: ShardReader, work: Path, settings_id: str,
                                dtype: torch.dtype, calib_ids: torch.Tensor | None, store: StreamingStore,
                                progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A structured method, streamed: observe every layer (dense propagation), plan, then reload each
-    layer, remove what the plan drops and write it (``store``). Returns the observing pass's layer
-    reports (those of an in-memory run) and the structure report."""
-    method = plan.method
-    assert isinstance(method, ChannelMethod)
+    """A structured method (or expert removal with per-layer counts), streamed: observe every layer
+    (dense propagation), plan, then reload each layer, remove what the plan drops and write it
+    (``store``). Returns the observing pass's layer reports (those of an in-memory run) and the
+    structure report."""
+    method: Any = plan.method
+    assert isinstance(method, (ChannelMethod, ExpertPruning))
     observing = StreamingStore(view, reader, work, settings_id, dtype, plan.pattern, observer=method)
     if observing.complete:  # a resumed run whose observing pass had finished
         layer_reports = [dict(r) for r in observing.reports]
@@ -469,6 +467,8 @@ def _remove_structure_streamed(plan: _Plan, view: ModelView, reader: ShardReader
     for layer in view.layers[:store.start]:  # written before an interruption: only their shapes change here
         method.apply_removal_shape(layer)
     run_layerwise(view, RemovalStep(method), None, device=plan.device, progress=progress, store=store)
+    if isinstance(method, ExpertPruning):
+        method.fill_reports(layer_reports)
     return layer_reports, method.structure_report(view)
 
 

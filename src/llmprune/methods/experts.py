@@ -26,7 +26,8 @@ layers compare, and the globally lowest go, no layer keeping fewer than its top-
 counts are recorded in the saved config (``llmprune_structure.experts_per_layer``, the config's
 expert count being the largest); :func:`llmprune.load` rebuilds each layer to its count, stock
 ``from_pretrained`` refuses the checkpoint (a size mismatch). It decides after the last layer, so it
-is pruned in memory, not streamed.
+is streamed in two passes, as the structured methods are: every layer scored, the plan, then every layer
+reloaded and rewritten without its planned experts.
 """
 
 from __future__ import annotations
@@ -72,7 +73,12 @@ class ExpertPruning(Method):
     def __init__(self, pattern: Any, options: MethodOptions) -> None:
         super().__init__(pattern, options)
         self.model: nn.Module | None = None
-        self._scored: list[tuple[DecoderLayer, ExpertGroup, Tensor, dict[str, Any]]] = []  # per_layer: decided at the end
+        # per_layer: each layer's saliencies (layer index -> experts path -> scores) and report entries until
+        # the end, then the plan (layer index -> experts path -> removed experts)
+        self._saliency: dict[int, dict[str, Tensor]] = {}
+        self._entries: dict[int, dict[str, dict[str, Any]]] = {}
+        self.removal: dict[int, dict[str, list[int]]] | None = None
+        self._old_count = 0
 
     @property
     def per_layer(self) -> bool:
@@ -96,7 +102,7 @@ class ExpertPruning(Method):
                 raise LLMPruneError(f"grouped routing (n_group={n_group}) would need every group to lose the same "
                                     f"number of experts; expert pruning supports n_group=1 only")
         self.model = view.model
-        self._scored = []
+        self._saliency, self._entries, self.removal = {}, {}, None
 
     def _validate_uniform(self, groups: list[ExpertGroup]) -> None:
         counts = {g.num_experts for g in groups}
@@ -155,7 +161,8 @@ class ExpertPruning(Method):
             report[group.path] = entry
             if self.per_layer:  # removed once every layer was scored (finalize)
                 entry.update(unrouted=[e for e, t in enumerate(tokens) if t == 0], calib="routed")
-                self._scored.append((layer, group, saliency, entry))
+                self._saliency.setdefault(layer.index, {})[group.path] = saliency
+                self._entries.setdefault(layer.index, {})[group.path] = entry
                 continue
             remove = experts_to_remove(group.num_experts, self.pattern.sparsity)
             order = torch.sort(saliency, stable=True).indices  # lowest first; ties: lower index first
@@ -167,19 +174,64 @@ class ExpertPruning(Method):
         return {"experts": report, "sparsity": {}}
 
     def finalize(self, view: ModelView) -> dict[str, Any]:
-        """``per_layer``: allocate the removals over all layers by saliency, remove them, record the counts."""
-        if not self.per_layer or not self._scored:
+        """``per_layer`` in memory: plan the removals over all layers, remove them, record the counts."""
+        if not self.per_layer or not self._saliency:
             return {}
-        scored, self._scored = self._scored, []
-        old = max(g.num_experts for _, g, _, _ in scored)
-        total = sum(g.num_experts for _, g, _, _ in scored)
-        plan = allocate_removals([s for _, _, s, _ in scored], [g.top_k or 1 for _, g, _, _ in scored],
-                                 experts_to_remove(total, self.pattern.sparsity))
-        for (layer, group, _s, entry), removed in zip(scored, plan, strict=True):
+        self.plan_removal(view)
+        for layer in view.layers:
+            self.apply_removal(layer)
+        self.fill_reports([{"layer": i, "experts": e} for i, e in self._entries.items()])
+        return self.structure_report(view)
+
+    # --- per_layer: the plan, then each layer's removal (a streamed run: two passes, as the structured
+    # methods stream; api._remove_structure_streamed) ---------------------------------------------------
+
+    def plan_removal(self, view: ModelView) -> None:
+        """Which experts every layer loses: the total by the lowest normalized saliencies (allocate_removals)."""
+        items = [(layer, g) for layer in view.layers for g in layer.experts]
+        missing = [layer.index for layer, g in items if g.path not in self._saliency.get(layer.index, {})]
+        if missing:
+            raise LLMPruneError(f"{self.name}: no expert scores for layers {missing}")
+        plan = allocate_removals([self._saliency[layer.index][g.path] for layer, g in items],
+                                 [g.top_k or 1 for _, g in items],
+                                 experts_to_remove(sum(g.num_experts for _, g in items), self.pattern.sparsity))
+        self._old_count = max(g.num_experts for _, g in items)
+        self.removal = {}
+        for (layer, g), removed in zip(items, plan, strict=True):
+            self.removal.setdefault(layer.index, {})[g.path] = removed
+
+    def apply_removal(self, layer: DecoderLayer) -> dict[str, Any]:
+        """Remove the planned experts of ``layer`` (its tensors, or on the meta device only its shapes)."""
+        assert self.removal is not None, "plan_removal first"
+        report = {}
+        for group in list(layer.experts):
+            removed = self.removal[layer.index][group.path]
             keep = [e for e in range(group.num_experts) if e not in removed]
             remove_experts_(layer, group, keep, None)
-            entry.update(removed=removed, kept=len(keep))
-        record_expert_counts(view, old)
+            report[group.path] = {"removed": removed, "kept": len(keep)}
+        return {"experts": report, "sparsity": {}}
+
+    apply_removal_shape = apply_removal  # layers written before a streamed run was interrupted
+
+    def layer_state(self, index: int) -> dict[str, Any]:
+        """What the observing pass of a streamed run keeps of layer ``index``."""
+        return {"saliency": self._saliency.get(index, {})}
+
+    def restore_layer_state(self, index: int, state: dict[str, Any]) -> None:
+        if state["saliency"]:
+            self._saliency[index] = state["saliency"]
+
+    def fill_reports(self, layer_reports: list[dict[str, Any]]) -> None:
+        """Write the plan (removed experts, count kept) into the layers' expert reports."""
+        assert self.removal is not None, "plan_removal first"
+        for report in layer_reports:
+            for path, entry in (report.get("experts") or {}).items():
+                removed = self.removal[report["layer"]][path]
+                entry.update(removed=removed, kept=len(entry["tokens"]) - len(removed))
+
+    def structure_report(self, view: ModelView) -> dict[str, Any]:
+        """Record the per-layer counts in the config (every layer already has them, on the meta device too)."""
+        record_expert_counts(view, self._old_count)
         return {}
 
 
