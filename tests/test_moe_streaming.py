@@ -100,3 +100,35 @@ def test_streamed_reap_resumed_after_its_last_layer_writes_the_new_expert_count(
     assert json.loads((out / "config.json").read_text())["num_local_experts"] == 2
     assert_same_tensors(tmp_path / "mem", out)
     assert json.loads((out / "config.json").read_text()) == json.loads((tmp_path / "mem" / "config.json").read_text())
+
+
+def test_streamed_moe_holds_one_layer_at_a_time(calib_file: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every read of the shards is one layer's (or the modules outside the layers), and while a layer is
+    pruned every other decoder layer is on the meta device, its experts included."""
+    from contextlib import contextmanager
+
+    from llmprune.engine.streaming import StreamingStore
+    from llmprune.models.shards import CheckpointLayout
+
+    src = save_moe(tmp_path / "src", "qwen3_moe", layers=3)
+    reads: list[set[str]] = []
+    real: list[list[int]] = []
+    load, loaded = CheckpointLayout.load, StreamingStore.loaded
+
+    def recording_load(self, reader, names, pool=None):  # type: ignore[no-untyped-def]
+        reads.append({".".join(n.split(".")[:3]) if n.startswith("model.layers.") else "outside" for n in names})
+        return load(self, reader, names, pool)
+
+    @contextmanager
+    def checking_loaded(self, layer):  # type: ignore[no-untyped-def]
+        with loaded(self, layer):
+            real.append([i for i, m in enumerate(self.view.layer_list)
+                         if any(not p.is_meta for p in m.parameters())])
+            yield
+
+    monkeypatch.setattr(CheckpointLayout, "load", recording_load)
+    monkeypatch.setattr(StreamingStore, "loaded", checking_loaded)
+    llmprune.prune(str(src), output=str(tmp_path / "out"), stream="on", **_args(calib_file, "reap"))
+    assert reads == [{"outside"}] + [{f"model.layers.{i}"} for i in range(3)]
+    assert real == [[0], [1], [2]]
