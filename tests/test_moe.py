@@ -258,3 +258,14 @@ def test_unknown_calib_moe_is_refused_before_work() -> None:
     with pytest.raises(LLMPruneError, match="calib.moe"):
         llmprune.prune(tiny_moe("mixtral"), tokenizer=ByteTokenizer(128), method="wanda", sparsity=0.5,
                        recipe={"calib": {"moe": "sometimes"}})
+
+
+def test_docs_family_table_is_generated_and_the_readme_counts_it() -> None:
+    from .moe_families import DOCS_PAGE, docs_region, family_counts, family_rows, family_table
+
+    root = Path(__file__).resolve().parents[1]
+    page = (root / DOCS_PAGE).read_text(encoding="utf-8")
+    assert docs_region(page) == family_table(), f"{DOCS_PAGE} is out of date: run python -m tests.moe_families"
+    counts = family_counts(family_rows())
+    line = next(x for x in (root / "README.md").read_text(encoding="utf-8").splitlines() if "(docs/moe.md)" in x)
+    assert f"{counts['supported']} of {sum(counts.values())} MoE families supported" in line

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -139,3 +140,54 @@ def test_targets_shared_prunes_the_shared_experts_alone(calib_file: Path) -> Non
     for name, p in model.state_dict().items():
         changed = not torch.equal(p, before[name])
         assert changed == (".mlp.experts." in name), name
+
+
+def test_allocate_removals_takes_the_lowest_normalized_scores_and_keeps_top_k() -> None:
+    from llmprune.methods.experts import allocate_removals
+
+    # layer 0's scores are 10x layer 1's: divided by their means they compare as [0.4, 0.8, 1.2, 1.6] x 2
+    low, high = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([40.0, 10.0, 30.0, 20.0])
+    assert allocate_removals([low, high], [2, 2], 2) == [[0], [1]]
+    assert allocate_removals([low, high], [2, 2], 3) == [[0, 1], [1]]  # tie 0.8: the earlier layer first
+    assert allocate_removals([low, high], [3, 1], 3) == [[0], [1, 3]]  # layer 0 keeps its top-3
+    with pytest.raises(LLMPruneError, match="top-k"):
+        allocate_removals([low, high], [3, 3], 3)
+
+
+def test_per_layer_expert_counts_reload_through_llmprune_load_not_stock(calib_file: Path, tmp_path: Path) -> None:
+    from llmprune.methods.experts import allocate_removals
+    from llmprune.models.byte_tokenizer import byte_level_tokenizer
+
+    model = tiny_moe("qwen3_moe", layers=3, vocab_size=257)
+    result = llmprune.prune(model, tokenizer=byte_level_tokenizer(), method="reap", sparsity=0.375, nsamples=2,
+                            seqlen=32, calib_dataset=str(calib_file), output=str(tmp_path / "out"),
+                            method_options={"per_layer": True})
+    reps = [r["experts"]["mlp.experts"] for r in result.report["layers"]]
+    # round(0.375 x 12) = 5 experts in total; the lowest scores over each layer's mean, every layer keeps top-2
+    expected = allocate_removals([torch.tensor(r["saliency"]) for r in reps], [2, 2, 2], 5)
+    assert [r["removed"] for r in reps] == expected and sum(map(len, expected)) == 5
+    kept = [NUM_EXPERTS - len(r) for r in expected]
+    assert len(set(kept)) > 1 and min(kept) >= 2 and [r["kept"] for r in reps] == kept
+    assert result.report["moe"]["experts_removed"] == 5
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["llmprune_structure"] == {"experts_per_layer": kept} and config["num_local_experts"] == max(kept)
+    loading = result.report["loading"]
+    assert loading["stock_from_pretrained"] is False and "expert counts differ" in loading["why"][0]
+    assert "llmprune.load" in loading["load_with"]
+    with pytest.raises(RuntimeError, match="mismatch"):  # stock transformers refuses the per-layer shapes
+        tf.Qwen3MoeForCausalLM.from_pretrained(tmp_path / "out")
+    reloaded, _ = llmprune.load(str(tmp_path / "out"))
+    assert [layer.experts[0].num_experts for layer in model_view(reloaded).layers] == kept
+    for (name, p), (name2, q) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
+        assert name == name2 and torch.equal(p, q), name
+    ids = torch.randint(0, 257, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits, rtol=0, atol=0)
+
+
+def test_per_layer_bad_input_is_refused_before_work(calib_file: Path) -> None:
+    model = tiny_moe("mixtral")  # 2 layers x 4 experts, top-2: at most 4 can go
+    with pytest.raises(LLMPruneError, match="at most 4 can go"):
+        _prune(model, calib_file, method="reap", sparsity=0.7, method_options={"per_layer": True})
+    with pytest.raises(LLMPruneError, match="removes none"):
+        _prune(model, calib_file, method="expert-frequency", sparsity=0.05, method_options={"per_layer": True})

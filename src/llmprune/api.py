@@ -26,7 +26,7 @@ from .io.provenance import describe_loaded, describe_source, saved_dtype
 from .io.public import namer_for, public_report
 from .io.save import REPORT_NAME, check_output_dir, finish_folder, install_dir, read_report, save_run
 from .methods import METHODS, Method
-from .methods.experts import ExpertPruning
+from .methods.experts import ExpertPruning, sync_config_counts
 from .methods.structured import ChannelMethod, RemovalStep
 from .models.loading import (
     _structure_record,
@@ -295,7 +295,7 @@ _STREAM_MEMORY_FRACTION = 0.5  # stream=auto streams a checkpoint larger than th
 def _streamable(cls: type[Method]) -> bool:
     """Whether a method is done with each layer once the engine leaves it (one streamed pass), or
     removes structure by a plan made from per-layer records (two streamed passes, ChannelMethod)."""
-    if issubclass(cls, ChannelMethod):
+    if issubclass(cls, (ChannelMethod, ExpertPruning)):  # expert removal: one pass (per_layer=true: two passes)
         return True
     return not cls.structured and cls.propagate == "pruned" and cls.finalize is Method.finalize
 
@@ -414,7 +414,7 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
     resumed_from = store.start
     t0 = time.perf_counter()
     store.materialize_outside()
-    if isinstance(method, ChannelMethod):
+    if isinstance(method, ChannelMethod) or isinstance(method, ExpertPruning) and method.per_layer:
         layer_reports, structure = _remove_structure_streamed(plan, view, reader, work, settings_id, dtype, calib_ids,
                                                               store, progress)
     else:
@@ -422,6 +422,8 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
                                       batch_size=rec.calib.batch_size, progress=progress, store=store,
                                       extra_devices=plan.extra_devices, moe_calib=rec.calib.moe)
         structure = method.finalize(view)
+        if isinstance(method, ExpertPruning):  # resumed after the last layer: no layer rewrote the config
+            sync_config_counts(view, layer_reports)
     timings = {"load_s": load_s, "data_s": data_s, "prune_s": time.perf_counter() - t0}
     store.finish()
     net.config.dtype = save_dtype  # the config states the dtype of the shards, not of the computation
@@ -447,11 +449,12 @@ def _prune_streamed(plan: _Plan, folder: Path, progress: bool, t_start: float) -
 def _remove_structure_streamed(plan: _Plan, view: ModelView, reader: ShardReader, work: Path, settings_id: str,
                                dtype: torch.dtype, calib_ids: torch.Tensor | None, store: StreamingStore,
                                progress: bool) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """A structured method, streamed: observe every layer (dense propagation), plan, then reload each
-    layer, remove what the plan drops and write it (``store``). Returns the observing pass's layer
-    reports (those of an in-memory run) and the structure report."""
-    method = plan.method
-    assert isinstance(method, ChannelMethod)
+    """A structured method (or expert removal with per-layer counts), streamed: observe every layer
+    (dense propagation), plan, then reload each layer, remove what the plan drops and write it
+    (``store``). Returns the observing pass's layer reports (those of an in-memory run) and the
+    structure report."""
+    method: Any = plan.method
+    assert isinstance(method, (ChannelMethod, ExpertPruning))
     observing = StreamingStore(view, reader, work, settings_id, dtype, plan.pattern, observer=method)
     if observing.complete:  # a resumed run whose observing pass had finished
         layer_reports = [dict(r) for r in observing.reports]
@@ -464,6 +467,8 @@ def _remove_structure_streamed(plan: _Plan, view: ModelView, reader: ShardReader
     for layer in view.layers[:store.start]:  # written before an interruption: only their shapes change here
         method.apply_removal_shape(layer)
     run_layerwise(view, RemovalStep(method), None, device=plan.device, progress=progress, store=store)
+    if isinstance(method, ExpertPruning):
+        method.fill_reports(layer_reports)
     return layer_reports, method.structure_report(view)
 
 

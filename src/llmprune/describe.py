@@ -22,8 +22,9 @@ def calibration_words(cls: Any) -> str:
         return ("calibration text: its initializer's statistics (wanda: input column norms; sparsegpt: the "
                 "Hessian) plus the gradients of each block's reconstruction loss")
     if cls.name in ("reap", "expert-frequency"):
-        return ("calibration text routed as in the dense model: each expert's routed tokens, router weights and "
-                "(reap) output norms, recorded at every Mixture-of-Experts layer")
+        return ("calibration text, routed by the model's own routers: each expert's routed tokens, router weights "
+                "and (reap) output norms at every Mixture-of-Experts layer, layer i after layers 0..i-1 lost their "
+                "experts (per_layer=true: every layer on the dense model)")
     return _STATS_WORDS.get(cls.stats or "", "calibration text")
 
 

@@ -41,6 +41,7 @@ from ..io.save import write_json_atomic
 from ..models.shards import (
     INDEX_NAME,
     BufferPool,
+    CheckpointLayout,
     ShardReader,
     assign_tensors,
     staging_buffer,
@@ -97,6 +98,7 @@ class StreamingStore(LayerStore):
     def __init__(self, view: ModelView, reader: ShardReader, work: Path, settings: str, dtype: torch.dtype,
                  pattern: Pattern | None, observer: Any = None, save_dtype: torch.dtype | None = None) -> None:
         self.view, self.reader, self.work, self.settings = view, reader, work, settings
+        self.layout = CheckpointLayout(view.model, reader.tensors)  # checkpoint names <-> the model's (MoE experts)
         self.dtype, self.pattern, self.observer = dtype, pattern, observer
         self.save_dtype = save_dtype or dtype  # what the shards are written in (io.provenance.saved_dtype)
         self.progress = work / (OBSERVE_PROGRESS_NAME if observer is not None else PROGRESS_NAME)
@@ -138,8 +140,7 @@ class StreamingStore(LayerStore):
 
     def materialize_outside(self) -> None:
         """Load every tensor outside the decoder layers into the model; write them to the output once."""
-        keys = [k for k in self.reader.tensors if not k.startswith(self.layer_prefix)]
-        tensors = self.reader.load(keys)
+        tensors = self.layout.load(self.reader, self.layout.names(self.layer_prefix, inside=False))
         assign_tensors(self.view.model, tensors, self.dtype)
         self.view.model.tie_weights()
         missing = [n for n, p in self.view.model.named_parameters() if p.is_meta and not n.startswith(self.layer_prefix)]
@@ -147,8 +148,8 @@ class StreamingStore(LayerStore):
             raise LLMPruneError(f"{self.reader.folder}: the checkpoint lacks {missing[:5]}; it does not match its config")
         out = self.work / OUTSIDE_SHARD
         if not out.is_file():
-            _save_safetensors_atomic({k: v.to(self.save_dtype) if v.is_floating_point() else v
-                                      for k, v in tensors.items()}, out)
+            _save_safetensors_atomic(self.layout.revert({k: v.to(self.save_dtype) if v.is_floating_point() else v
+                                                         for k, v in tensors.items()}), out)
 
     # --- LayerStore -----------------------------------------------------------------------------
 
@@ -174,7 +175,7 @@ class StreamingStore(LayerStore):
     @contextmanager
     def loaded(self, layer: DecoderLayer) -> Iterator[None]:
         prefix = f"{self.layer_prefix}{layer.index}."
-        tensors = self.reader.load(self.reader.with_prefix(prefix), self._pool)
+        tensors = self.layout.load(self.reader, self.layout.names(prefix), self._pool)
         self._pool.clear()  # what did not fit this layer (a structured pass's smaller tensors) is not kept
         expected = set(layer.module.state_dict())
         got = {k[len(prefix):] for k in tensors}
@@ -210,9 +211,11 @@ class StreamingStore(LayerStore):
         else:
             # Detached references: the layer goes back to the meta device when this returns, the
             # tensors stay alive for the writer.
-            shard = {f"{self.layer_prefix}{i}.{k}": v.to(self.save_dtype) if v.is_floating_point() else v
-                     for k, v in layer.module.state_dict().items()}
-            self._pending_tensors, self._handed_over = list(shard.values()), i
+            own = {f"{self.layer_prefix}{i}.{k}": v.to(self.save_dtype) if v.is_floating_point() else v
+                   for k, v in layer.module.state_dict().items()}
+            self._pending_tensors, self._handed_over = list(own.values()), i
+            shard = self.layout.revert(own)  # the checkpoint's names and layout (per-expert matrices)
+            del own
             sp = sparsity_report(ModelView(self.view.model, self.view.layers_path, [layer]), self.pattern)
             self.sparsity_layers.append(sp["layers"][0])
             self.counts["zeros"] += sp["zeros"]

@@ -21,16 +21,25 @@ def stock_loadable(report: dict[str, Any]) -> bool:
     """Whether plain ``AutoModelForCausalLM.from_pretrained`` builds this folder's model."""
     structure = report.get("structure") or {}
     checkpoint = structure.get("checkpoint") or {}
-    return bool(checkpoint.get("stock_checkpoint", True))
+    return bool(checkpoint.get("stock_checkpoint", True)) and not _experts_differ(report)
+
+
+def _experts_differ(report: dict[str, Any]) -> bool:
+    """Whether expert removal left different expert counts in the MoE layers (method.per_layer=true)."""
+    return len((report.get("moe") or {}).get("experts_per_layer") or []) > 1
 
 
 def loading_note(report: dict[str, Any]) -> dict[str, Any]:
     """Whether stock ``from_pretrained`` loads the run's folder; when not, why and the ways out
     (the report's ``loading`` section, also shown at the end of ``llmprune prune``)."""
     checkpoint = (report.get("structure") or {}).get("checkpoint") or {}
-    if checkpoint.get("stock_checkpoint", True):
+    if stock_loadable(report):
         return {"stock_from_pretrained": True}
     why, ways = [], []
+    if _experts_differ(report):
+        why.append("the routed expert counts differ across MoE layers (method.per_layer=true); stock "
+                   "from_pretrained refuses the size mismatch")
+        ways.append("remove experts with method.per_layer=false (the same count in every layer)")
     if len(set(checkpoint.get("mlp_widths") or [])) > 1:
         why.append("the MLP widths differ across layers")
         if not checkpoint.get("mlp_out_bias"):
@@ -40,10 +49,12 @@ def loading_note(report: dict[str, Any]) -> dict[str, Any]:
     if checkpoint.get("mlp_out_bias"):
         why.append("an MLP output bias was added (FLAP's compensation), which stock configs have no place for")
     why = why or ["its config records per-layer shapes (llmprune_structure)"]
-    ways.append("export it: llmprune export RUN_DIR --format gguf --output FILE.gguf (llama.cpp reads per-layer "
-                "widths)")
+    if checkpoint and not checkpoint.get("stock_checkpoint", True):
+        ways.append("export it: llmprune export RUN_DIR --format gguf --output FILE.gguf (llama.cpp reads per-layer "
+                    "widths)")
     return {"stock_from_pretrained": False, "why": why, "ways_out": ways,
-            "load_with": "llmprune.load(RUN_DIR) (rebuilds each layer to its recorded width)"}
+            "load_with": "llmprune.load(RUN_DIR) (rebuilds each layer to its recorded "
+                         f"{'width' if checkpoint else 'expert count'})"}
 
 
 def _pattern(report: dict[str, Any]) -> str:

@@ -211,7 +211,25 @@ def _structure_record(folder: Path) -> dict | None:  # type: ignore[type-arg]
     return record if isinstance(record, dict) else None
 
 
-def _checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+def _rebuild_experts(folder: Path, view, experts: list[int | None]) -> None:  # type: ignore[no-untyped-def]
+    """Give each MoE layer of the skeleton ``view`` its recorded number of routed experts."""
+    from ..methods.experts import remove_experts_
+
+    if len(experts) != len(view.layers):
+        raise LLMPruneError(f"{folder}: {len(experts)} expert counts recorded for a model with {len(view.layers)} "
+                            f"layers")
+    for layer, count in zip(view.layers, experts, strict=True):
+        have = sum(g.num_experts for g in layer.experts)
+        if (count is None) != (not layer.experts) or count is not None and (count > have or len(layer.experts) != 1):
+            raise LLMPruneError(f"{folder}: the config records {count} routed experts for layer {layer.index}, whose "
+                                f"rebuilt layer has {have or 'none'}; the checkpoint's config is inconsistent")
+        if count is not None and count < have:
+            remove_experts_(layer, layer.experts[0], list(range(count)), None)
+
+
+def _checkpoint_tensors(folder: Path, model=None) -> dict[str, torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Every tensor of ``folder``'s safetensors files, under the names of ``model`` (transformers'
+    checkpoint conversions applied, e.g. per-expert matrices fused into 3-D expert parameters)."""
     from safetensors.torch import load_file
 
     index = folder / "model.safetensors.index.json"
@@ -230,15 +248,23 @@ def _checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
             tensors.update(load_file(str(path)))
         except Exception as exc:  # safetensors raises its own error types for corrupt files
             raise LLMPruneError(f"{path} cannot be read ({exc}); the checkpoint is corrupt") from None
+    if model is not None:
+        from .shards import CheckpointLayout
+
+        layout = CheckpointLayout(model, tensors)
+        if not layout.identity:
+            tensors = layout.convert(tensors)
     return tensors
 
 
 def load_structured(folder: Path, dtype: torch.dtype):  # type: ignore[no-untyped-def]
-    """Rebuild a model whose layers have different MLP widths (recorded in its config) and load it.
+    """Rebuild a model whose layers have different MLP widths or routed expert counts (recorded in its
+    config) and load it.
 
-    The skeleton is built at the smallest recorded width without random initialization, each
-    layer's MLP is resized to its width, and the tensors are loaded strictly: a recorded width that
-    does not match the stored tensors is an error, not a silent re-initialization.
+    The skeleton is built at the smallest recorded width (the config's expert count, the largest)
+    without random initialization, each layer's MLP is resized to its width and each MoE layer keeps
+    its recorded number of experts, and the tensors are loaded strictly: a recorded shape that does
+    not match the stored tensors is an error, not a silent re-initialization.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.initialization import no_init_weights
@@ -249,16 +275,29 @@ def load_structured(folder: Path, dtype: torch.dtype):  # type: ignore[no-untype
     config = AutoConfig.from_pretrained(str(folder))
     record = getattr(config, STRUCTURE_KEY)
     widths, field = record.get("mlp_widths"), record.get("width_field")
-    if not isinstance(widths, list) or not widths or not all(isinstance(w, int) and w > 0 for w in widths) or not field:
+    experts = record.get("experts_per_layer")
+    if experts is not None and (not isinstance(experts, list) or not experts or not all(
+            e is None or isinstance(e, int) and not isinstance(e, bool) and e > 0 for e in experts)):
+        raise LLMPruneError(f"{folder}/config.json: {STRUCTURE_KEY}.experts_per_layer is malformed ({experts}); it "
+                            f"needs one positive integer per layer (null for a dense layer)")
+    if (widths is not None or experts is None) and (
+            not isinstance(widths, list) or not widths or not all(isinstance(w, int) and w > 0 for w in widths)
+            or not field):
         raise LLMPruneError(f"{folder}/config.json: {STRUCTURE_KEY} is malformed ({record}); it needs mlp_widths "
-                            f"(positive integers, one per layer) and width_field")
-    saved_width = getattr(config, field)
-    setattr(config, field, min(widths))
+                            f"(positive integers, one per layer) and width_field, or experts_per_layer")
+    if widths is not None:
+        saved_width = getattr(config, field)
+        setattr(config, field, min(widths))
     with no_init_weights():
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    setattr(model.config, field, saved_width)
+    if widths is not None:
+        setattr(model.config, field, saved_width)
     view = model_view(model)
-    if len(view.layers) != len(widths):
+    if experts is not None:
+        _rebuild_experts(folder, view, experts)
+    if widths is None:
+        widths = [None] * len(view.layers)
+    elif len(view.layers) != len(widths):
         raise LLMPruneError(f"{folder}: {len(widths)} MLP widths recorded for a model with {len(view.layers)} layers")
     kv_heads = record.get("attn_kv_heads")
     if kv_heads is not None and (not isinstance(kv_heads, list) or len(kv_heads) != len(widths)
@@ -266,12 +305,15 @@ def load_structured(folder: Path, dtype: torch.dtype):  # type: ignore[no-untype
         raise LLMPruneError(f"{folder}/config.json: {STRUCTURE_KEY}.attn_kv_heads is malformed ({kv_heads}); it needs "
                             f"one positive integer per layer")
     for layer, width in zip(view.layers, widths, strict=True):
-        resize_mlp_empty(layer, width, out_bias=bool(record.get("mlp_out_bias", False)))
+        if width is not None:
+            resize_mlp_empty(layer, width, out_bias=bool(record.get("mlp_out_bias", False)))
         if kv_heads is not None:
             resize_attention_empty(layer, kv_heads[layer.index])
-    tensors = _checkpoint_tensors(folder)
+    tensors = _checkpoint_tensors(folder, model)
     expected = model.state_dict()
     for layer, width in zip(view.layers, widths, strict=True):
+        if width is None:
+            continue
         group = mlp_group(layer)
         key = f"{view.layers_path}.{layer.index}.{group.output_name}.weight"
         got = tensors.get(key)

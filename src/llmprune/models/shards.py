@@ -361,3 +361,96 @@ def assign_tensors(module: nn.Module, tensors: dict[str, torch.Tensor], dtype: t
             owner._buffers[leaf] = value
         else:
             raise LLMPruneError(f"the checkpoint holds {name}, which the model built from its config does not have")
+
+
+class CheckpointLayout:
+    """The names a checkpoint stores its tensors under, mapped to the model's parameters as
+    ``from_pretrained`` maps them, and back as ``save_pretrained`` writes them.
+
+    transformers 5 converts some checkpoints while loading (its conversion mapping): Mixture-of-Experts
+    checkpoints store one matrix per expert (``mlp.experts.3.gate_proj.weight``, Mixtral's
+    ``block_sparse_moe.experts.3.w1.weight``), which load as the fused 3-D parameters of the model
+    (``mlp.experts.gate_up_proj`` [E, 2I, H]); ``save_pretrained`` writes them per expert again. A
+    streamed run reads a layer's tensors through the same conversion (transformers' own weight
+    converters, never a copy of them) and writes the layer back through its reverse, so the streamed
+    output has the names and shapes an in-memory run saves. A checkpoint without conversions maps
+    every name to itself.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        self.model = model
+        self.groups: dict[str, list[tuple[str, str | None]]] = {}  # model name -> [(checkpoint name, pattern)]
+        self._converters: dict[str, Any] = {}
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter, dot_natural_key, rename_source_key
+        except ImportError:  # a transformers without conversion mappings: names are the model's
+            self.groups = {n: [(n, None)] for n in names}
+            self.identity = True
+            return
+        mapping = get_model_conversion_mapping(model)
+        converters = [c for c in mapping if isinstance(c, WeightConverter)]
+        renamings = [c for c in mapping if not isinstance(c, WeightConverter)]
+        self._converters = {p: c for c in converters for p in c.source_patterns}
+        meta = model.state_dict()
+        prefix = getattr(model, "base_model_prefix", None)
+        for key in sorted(names, key=dot_natural_key):  # experts in order, as from_pretrained stacks them
+            renamed, pattern = rename_source_key(key, renamings, converters, prefix, meta)
+            if renamed not in meta and key in meta:
+                renamed, pattern = rename_source_key(key, [], [], base_model_prefix=prefix, meta_state_dict=meta)
+            self.groups.setdefault(renamed, []).append((key, pattern))
+        # What save_pretrained reverts: the conversions this checkpoint used (as from_pretrained records them).
+        model._weight_conversions = [c for c in mapping if c.was_used()]  # type: ignore[assignment]
+        self.identity = all(len(src) == 1 and src[0] == (name, None) for name, src in self.groups.items())
+
+    def names(self, prefix: str = "", inside: bool = True) -> list[str]:
+        """The model names (of the first tensor of each conversion) that start with ``prefix``, or with
+        ``inside=False`` those that do not."""
+        return [n for n in self.groups if n.startswith(prefix) == inside]
+
+    def load(self, reader: ShardReader, names: list[str], pool: BufferPool | None = None) -> dict[str, torch.Tensor]:
+        """The model's tensors ``names`` (see :meth:`names`), read from ``reader`` and converted.
+
+        Tensors stored as they are go through ``pool``; each converted group (e.g. the experts of one
+        projection) is read, converted and released before the next, so the extra memory is one
+        projection's worth, not a layer's."""
+        plain = [n for n in names if self.groups[n][0][1] is None]
+        stored = reader.load([self.groups[n][0][0] for n in plain], pool)
+        out = {n: stored[self.groups[n][0][0]] for n in plain}
+        del stored
+        if pool is not None and len(plain) < len(names):
+            pool.clear()  # the previous layer's buffers do not fit converted tensors: free them first
+        for name in names:
+            if self.groups[name][0][1] is not None:
+                out.update(self._convert(name, reader.load([key for key, _ in self.groups[name]])))
+        return out
+
+    def convert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """A whole checkpoint's ``tensors`` (by checkpoint name), under the model's names."""
+        out: dict[str, torch.Tensor] = {}
+        for name, sources in self.groups.items():
+            if sources[0][1] is None:
+                out[name] = tensors[sources[0][0]]
+            else:
+                out.update(self._convert(name, {key: tensors[key] for key, _ in sources}))
+        return out
+
+    def _convert(self, name: str, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The model tensors of the conversion whose first target is ``name``, from its checkpoint tensors."""
+        from copy import deepcopy
+
+        sources = self.groups[name]
+        converter = deepcopy(self._converters[sources[0][1]])
+        for key, pattern in sources:
+            converter.add_tensor(name, key, pattern, tensors.pop(key))
+        return {target: value[0] if isinstance(value, list) else value
+                for target, value in converter.convert(name, model=self.model, config=self.model.config).items()}
+
+    def revert(self, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """``tensors`` (model names, full) under the checkpoint's names and layout, as ``save_pretrained``
+        writes them."""
+        if self.identity:
+            return tensors
+        from transformers.core_model_loading import revert_weight_conversion
+
+        return revert_weight_conversion(self.model, tensors)
