@@ -65,18 +65,22 @@ def damped_hessian(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
 
 def masked_least_squares(weight: Tensor, hessian: Tensor, mask: Tensor, *, damp: float = 0.01,
                          method: Literal["cg", "cholesky"] = "cg", tol: float = 1e-6, max_iter: int = 200,
-                         chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+                         chunk_bytes: int = CHUNK_BYTES, start: Tensor | None = None) -> Tensor:
     """Kept weights of ``weight`` (rows, cols) re-solved exactly for ``mask`` (bool, True = pruned).
 
     ``hessian``: the (cols, cols) input Hessian. Returns a float32 tensor of the weight's shape, zero
     exactly where the mask is True. ``method``, ``tol``, ``max_iter``: see the module docstring;
-    ``chunk_bytes``: the direct solve's chunk of gathered systems."""
+    ``chunk_bytes``: the direct solve's chunk of gathered systems. ``start``: SparseGPT's OBS solution
+    for this mask and ``damp`` when the caller has it (the conjugate gradients' starting point,
+    otherwise computed here); it must be zero where the mask is True."""
     rows, cols = weight.shape
     if mask.shape != weight.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool of the weight's shape {tuple(weight.shape)}, "
                          f"got {mask.dtype} {tuple(mask.shape)}")
     if hessian.shape != (cols, cols):
         raise ValueError(f"the Hessian must be ({cols}, {cols}), got {tuple(hessian.shape)}")
+    if start is not None and start.shape != weight.shape:
+        raise ValueError(f"start must be of the weight's shape {tuple(weight.shape)}, got {tuple(start.shape)}")
     if method not in ("cg", "cholesky"):
         raise ValueError(f"method must be 'cg' or 'cholesky', got {method!r}")
     device = weight.device
@@ -93,9 +97,12 @@ def masked_least_squares(weight: Tensor, hessian: Tensor, mask: Tensor, *, damp:
     h_inv, factor = found
     out = torch.empty(rows, cols, dtype=torch.float32, device=device)
     step = max(1, CG_CHUNK_BYTES // (4 * cols))
-    for start in range(0, rows, step):
-        part = slice(start, start + step)
-        x0, _ = sparsegpt_prune(w0[part], hessian, Pattern(0.0), damp=damp, mask=mask[part], factor=factor)
+    for first in range(0, rows, step):
+        part = slice(first, first + step)
+        if start is not None:
+            x0 = start[part].to(device=device, dtype=torch.float32, copy=True).masked_fill_(mask[part], 0.0)
+        else:
+            x0, _ = sparsegpt_prune(w0[part], hessian, Pattern(0.0), damp=damp, mask=mask[part], factor=factor)
         solved = _conjugate_gradients(x0, w0[part], h, h_inv, keep[part], tol, max_iter)
         if solved is None:
             log.info("conjugate gradients did not converge in %d steps; solving %d rows directly", max_iter, x0.shape[0])
