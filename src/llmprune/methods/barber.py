@@ -77,6 +77,11 @@ SparseGPT (output, ratio 0.01, paired) 98.86 against SparseGPT's 112.81 (OBS sol
 Wanda 100.68 against 188.84; SparseGPT's own mask re-solved exactly (ratio 0) 97.74; 3.8x Wanda's
 time in the same run.
 
+``reconstruct`` is the step Wanda and magnitude share (:mod:`llmprune.sparsity.reconstruct`, the
+same calls as before it moved there); ``allocation=owl`` (:mod:`llmprune.sparsity.layerwise`)
+gives each layer its own sparsity, for the initializer (whose pattern :meth:`Barber.at_layer`
+swaps with Barber's) and the rebuild alike.
+
 A signed second-order (OBD-style) swap score was also tried: exact for one toggled weight, it
 ignores the interactions of the many weights swapped at once in a row and raised perplexity by
 orders of magnitude, so it is not offered.
