@@ -89,6 +89,22 @@ def test_conjugate_gradients_fall_back_to_the_direct_solve_when_they_do_not_conv
     torch.testing.assert_close(w, masked_least_squares(w0, h, mask, method="cholesky"))
 
 
+def test_beyond_the_direct_solves_bound_an_unconverged_iterate_is_kept(caplog: pytest.LogCaptureFixture,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """At 7B widths the direct fallback would take hours: past ``DIRECT_FALLBACK_FLOPS`` the conjugate
+    gradients' iterate is kept, its error already below SparseGPT's for the mask."""
+    w0, h = problem()
+    mask = mixed_mask(w0)
+    monkeypatch.setattr(exact_solver, "DIRECT_FALLBACK_FLOPS", 0.0)
+    with caplog.at_level(logging.INFO, logger="llmprune.sparsity.exact_solver"):
+        w = masked_least_squares(w0, h, mask, max_iter=2)
+    assert "keeping their iterate" in caplog.text
+    obs, _ = sparsegpt_prune(w0, h, Pattern(0.0), mask=mask)
+    assert torch.equal(w == 0, mask | (w0 == 0))
+    assert error(w, w0, h) < error(obs, w0, h)
+    assert error(w, w0, h) > error(reference(w0, h, mask).float(), w0, h)
+
+
 @pytest.mark.parametrize("method", ["cg", "cholesky"])
 @pytest.mark.parametrize("pattern", [Pattern(0.5, n=2, m=4), Pattern(0.5), Pattern(0.7, scope="matrix")], ids=str)
 def test_never_a_larger_error_than_sparsegpt_for_the_same_mask(pattern: Pattern, method: str) -> None:

@@ -111,6 +111,16 @@ def resolve_method(recipe: Recipe) -> tuple[Method, Pattern]:
         raise LLMPruneError(f"{flags} shape the widths of structured methods ({structured}); {cls.name} zeroes "
                             f"individual weights and never changes a shape, so there is nothing to make uniform "
                             f"or round")
+    layerwise = [k for k in ("allocation", "owl_m", "owl_lambda", "reconstruct", "reconstruct_solver")
+                 if k in recipe.method.options and k not in cls.Options.model_fields]
+    if layerwise:
+        having = {k: ", ".join(n for n in METHODS.names() if k in METHODS.get(n).Options.model_fields) for k in layerwise}
+        what = "; ".join(f"method.{k} is an option of {having[k]}" for k in layerwise)
+        why = (", which removes whole structures by its own allocation" if cls.structured
+               else f" ({cls.name} reconstructs by itself; method.reconstruct_solver chooses how)"
+               if "reconstruct_solver" in cls.Options.model_fields else "")
+        raise LLMPruneError(f"{what}: not applicable to method {cls.name}{why}; drop "
+                            f"{', '.join(f'method.{k}' for k in layerwise)}")
     if "order" in recipe.method.options and "order" not in cls.Options.model_fields:
         raise LLMPruneError(f"method.order chooses when an initializer prunes (method barber's init); method "
                             f"{cls.name} has no initializer, so drop method.order")
@@ -177,7 +187,7 @@ def _plan(rec: Recipe, tasks: PreparedTasks | None = None, check_output: bool = 
     if rec.output is not None and check_output:
         check_output_dir(rec.output, rec.overwrite)
     resolve_data_dir(rec.data_dir)
-    calib_source = resolve(rec.calib.dataset, "calibration", rec.data_dir) if method.needs_calibration else None
+    calib_source = resolve(rec.calib.dataset, "calibration", rec.data_dir) if method.calibration_needed else None
     eval_sources = _eval_sources(rec)
     for src in eval_sources:
         if calib_source is not None and src.key == calib_source.key:
@@ -228,6 +238,7 @@ def _report_fields(plan: _Plan, net: Any, calib_ids: torch.Tensor | None, sparsi
                    **({"dense": structure["params"]["dense"]} if method.structured else {})},
         **({"structure": structure} if method.structured else {}),
         "layers": layer_reports,
+        **({"allocation": allocation} if (allocation := method.allocation_report()) is not None else {}),
         **({"moe": summary} if (summary := moe_summary(layer_reports)) is not None else {}),
         "timings": {k: round(v, 3) for k, v in timings.items()},
         "memory": {"peak_rss_mb": round(peak_rss_mb(), 1)},
@@ -309,6 +320,9 @@ def _stream_unsupported(plan: _Plan) -> list[str]:
                        f"{', '.join(streamable_methods())})")
     if method.initial_pass() is not None:
         reasons.append(f"method {method.name} with order=reference initializes every layer before rebuilding any")
+    if method.allocation != "uniform":
+        reasons.append(f"method.allocation={method.allocation} measures every layer of the dense model before pruning "
+                       f"any, which a streamed run (one layer at a time) cannot do; prune in memory (model.stream=off)")
     if rec.eval.datasets or rec.eval.tasks:
         reasons.append("evaluation during a streamed prune is not supported; evaluate the output folder with "
                        "llmprune eval")
@@ -532,7 +546,7 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
 
         check_rerun(recipe, rec)  # a run folder's local inputs are recorded by name only
     if in_memory and tokenizer is None and (rec.eval.datasets or rec.eval.tasks or rec.output
-                                            or METHODS.get(rec.method.name).needs_calibration):
+                                            or resolve_method(rec)[0].calibration_needed):
         raise LLMPruneError("pass tokenizer= along with an in-memory model")
 
     plan = _plan(rec)  # everything a user can get wrong is checked here, before loading or computing anything

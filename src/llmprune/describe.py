@@ -15,7 +15,19 @@ _STATS_WORDS = {
 
 
 def calibration_words(cls: Any) -> str:
-    """What calibration a method class needs, in words."""
+    """What calibration a method class needs, in words (with what its options add)."""
+    words = _base_calibration_words(cls)
+    fields = cls.Options.model_fields
+    extra = []
+    if "reconstruct" in fields:
+        extra.append("reconstruct=true: calibration text and each linear's input Hessian X^T X")
+    if "allocation" in fields:
+        extra.append("allocation=owl: calibration text and one more pass over the dense model (its Wanda outlier "
+                     "ratios)")
+    return words + (f" ({'; '.join(extra)})" if extra else "")
+
+
+def _base_calibration_words(cls: Any) -> str:
     if not cls.needs_calibration:
         return "none: data-free, it reads the weights only"
     if cls.name == "barber":

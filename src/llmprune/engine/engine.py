@@ -367,13 +367,20 @@ def run_layerwise(
     page faults of fresh ``mmap`` allocations.
     """
     cache_device = cache_device or device
-    first = method.initial_pass()
-    if first is not None:  # e.g. every layer pruned by Barber's initializer before any is rebuilt
+    # Passes over every layer before this method's own: the allocation's statistics of the dense model
+    # (OWL; its finalize gives the method each layer's sparsity), then e.g. every layer pruned by
+    # Barber's initializer before any is rebuilt.
+    allocating = method.allocation_pass()
+    for first in (allocating, method.initial_pass()):
+        if first is None:
+            continue
         if store is not None and type(store) is not LayerStore:
             raise LLMPruneError(f"method {method.name} runs {first.name} over every layer first, which a streamed "
                                 f"run (one layer at a time) cannot do; prune in memory (model.stream=off)")
         run_layerwise(view, first, calib_ids, device=device, cache_device=cache_device, batch_size=batch_size,
-                      progress=progress, extra_devices=extra_devices)
+                      progress=progress, extra_devices=extra_devices, moe_calib=moe_calib)
+        if first is allocating:
+            first.finalize(view)
     store = store or LayerStore()
     model = view.model
     reports: list[dict[str, Any]] = [dict(r) for r in store.reports]
@@ -387,7 +394,8 @@ def run_layerwise(
                 with store.loaded(layer):
                     with onloaded(layer.module, device):
                         ctx = LayerContext(layer, device, cache_device)
-                        report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
+                        with method.at_layer(layer.index):
+                            report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
                     store.done(layer, report, None)
                 heap.trim()
                 reports.append(report)
@@ -415,11 +423,13 @@ def run_layerwise(
                         if pool is not None and not linear_sequential and not layer.is_moe:
                             ctx.replicas = Replicas(layer.module, extra_devices, pool)
                         if linear_sequential:
-                            report = _timed(ctx, lambda ctx=ctx: _prune_while_observing(method, ctx))
+                            with method.at_layer(layer.index):  # the layer's allocated sparsity
+                                report = _timed(ctx, lambda ctx=ctx: _prune_while_observing(method, ctx))
                         else:
                             if method.stats is not None or dense:
                                 ctx.stats = ctx.observe(**_stats_kind(method), keep_outputs=dense)
-                            report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
+                            with method.at_layer(layer.index):
+                                report = _timed(ctx, lambda ctx=ctx: method.prune_layer(ctx))
                         if ctx.expert_report is not None:
                             report["experts"] = ctx.expert_report
                         hidden = ctx.outputs if ctx.outputs is not None else ctx.forward()

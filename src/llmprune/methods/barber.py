@@ -77,6 +77,11 @@ SparseGPT (output, ratio 0.01, paired) 98.86 against SparseGPT's 112.81 (OBS sol
 Wanda 100.68 against 188.84; SparseGPT's own mask re-solved exactly (ratio 0) 97.74; 3.8x Wanda's
 time in the same run.
 
+``reconstruct`` is the step Wanda and magnitude share (:mod:`llmprune.sparsity.reconstruct`, the
+same calls as before it moved there); ``allocation=owl`` (:mod:`llmprune.sparsity.layerwise`)
+gives each layer its own sparsity, for the initializer (whose pattern :meth:`Barber.at_layer`
+swaps with Barber's) and the rebuild alike.
+
 A signed second-order (OBD-style) swap score was also tried: exact for one toggled weight, it
 ignores the interactions of the many weights swapped at once in a row and raised perplexity by
 orders of magnitude, so it is not offered.
@@ -101,12 +106,11 @@ from ..engine.capture import move_to
 from ..errors import LLMPruneError
 from ..models.roles import Role
 from ..models.view import DecoderLayer, ModelView
-from ..sparsity.exact_solver import masked_least_squares
-from ..sparsity.obs_solver import sparsegpt_prune_stacked
 from ..sparsity.patterns import Pattern
 from ..sparsity.rebuild import NM_GRANULARITIES, counting, rebuild_mask
+from ..sparsity.reconstruct import reconstruct
 from . import faithful, magnitude, sparsegpt, wanda  # noqa: F401  (the initializers must be registered)
-from .base import METHODS, Method, MethodOptions, zero_fraction
+from .base import METHODS, AllocationOptions, Method, MethodOptions, zero_fraction
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +118,7 @@ GRAD_DTYPE = torch.float32  # the dense sub-block copy and its gradients
 _KINDS = {"attn": (Role.ATTN_IN, Role.ATTN_OUT), "mlp": (Role.MLP_IN, Role.MLP_OUT)}
 
 
-class BarberOptions(MethodOptions):
+class BarberOptions(AllocationOptions):
     init: Literal["magnitude", "wanda", "sparsegpt"] = Field("wanda", description="initial pruner")
     ratio: float = Field(0.01, ge=0.0, le=1.0, description="fraction of the beneficial swaps applied")
     granularity: Literal["block", "layer", "output", "input"] = Field(
@@ -185,6 +189,9 @@ class _InitPass(Method):
         self.barber = barber
         self.name = f"{barber.base.name} (barber init)"  # type: ignore[misc]
         self.stats = barber.base.stats  # type: ignore[misc]
+
+    def at_layer(self, index: int) -> AbstractContextManager[None]:
+        return self.barber.at_layer(index)  # the initializer prunes each layer at its allocated sparsity
 
     def prune_layer(self, ctx: Any) -> dict[str, Any]:
         blocks = [SubBlock.find(ctx.layer, kind) for kind in _KINDS]
@@ -559,9 +566,6 @@ class Barber(Method):
         if options.reconstruct and options.retain_reconstruction:
             raise LLMPruneError("barber options reconstruct and retain_reconstruction exclude each other: reconstruct "
                                 "re-solves every kept weight from the dense ones; give only one of them")
-        if options.reconstruct_solver != "obs" and not options.reconstruct:
-            raise LLMPruneError(f"barber option reconstruct_solver={options.reconstruct_solver} chooses how reconstruct "
-                                f"re-solves the kept weights, but reconstruct is off; add method.reconstruct=true")
         # reconstruct needs each linear's X^T X; the initializers read their own statistics from it
         # (Wanda's ||X_j||^2 is its diagonal).
         self.stats = "hessian" if options.reconstruct else base_cls.stats  # type: ignore[misc]
@@ -573,6 +577,17 @@ class Barber(Method):
 
     def initial_pass(self) -> Method | None:
         return _InitPass(self) if self.opts.order == "reference" else None
+
+    @contextmanager
+    def at_layer(self, index: int) -> Iterator[None]:
+        """The layer's allocated pattern for Barber and its initializer alike."""
+        with super().at_layer(index):
+            base_pattern = self.base.pattern
+            self.base.pattern = self.pattern
+            try:
+                yield
+            finally:
+                self.base.pattern = base_pattern
 
     def validate(self, view: ModelView) -> None:
         super().validate(view)
@@ -650,22 +665,14 @@ class Barber(Method):
         }
 
     def _reconstructed(self, ctx: Any, weights: dict[str, Tensor], masks: dict[str, Tensor]) -> dict[str, Tensor]:
-        """``reconstruct``: each linear's kept weights re-solved from its dense ones for its rebuilt mask.
-        Linears fed the same input share one statistics object (q/k/v, gate/up) and are solved as one
-        stacked matrix (rows are independent in both solvers: the same result, one factorization of
-        the Hessian). ``exact``: :func:`masked_least_squares`; ``obs``: SparseGPT's column loop."""
+        """``reconstruct``: each linear's kept weights re-solved from its dense ones for its rebuilt mask
+        (:func:`llmprune.sparsity.reconstruct.reconstruct`, the step shared with Wanda and magnitude:
+        linears fed the same input solved as one stacked matrix)."""
         out: dict[str, Tensor] = {}
         for names in ctx.shared_input_groups(weights):
-            hessian = ctx.stats[names[0]].hessian
-            if self.opts.reconstruct_solver == "exact":
-                rows = [int(weights[n].shape[0]) for n in names]
-                stacked = masked_least_squares(torch.cat([weights[n].detach() for n in names]), hessian,
-                                               torch.cat([masks[n] for n in names]))
-                out.update(zip(names, stacked.split(rows), strict=True))
-                continue
-            solved = sparsegpt_prune_stacked([weights[n].detach() for n in names], hessian,
-                                             Pattern(0.0), masks=[masks[n] for n in names])
-            out.update({n: w for n, (w, _) in zip(names, solved, strict=True)})
+            solved = reconstruct([weights[n] for n in names], ctx.stats[names[0]].hessian, [masks[n] for n in names],
+                                 self.opts.reconstruct_solver)
+            out.update(zip(names, solved, strict=True))
         return out
 
     def _rebuild(self, ctx: Any, block: SubBlock, params: dict[str, Tensor], records: _Records, defer: bool,

@@ -27,7 +27,24 @@ Two ways to reach it (``method``):
   few copies of the weight instead of k x k systems.
 * ``"cholesky"``: the systems gathered and solved by batched Cholesky, rows grouped by kept count and
   chunked; O(rows * k^3). Also the fallback of ``"cg"`` when the damped H itself is not positive
-  definite in float32 or the iteration has not converged after ``max_iter`` steps.
+  definite in float32, or when the iteration has not converged after ``max_iter`` steps and the
+  direct solve is cheap enough (:data:`DIRECT_FALLBACK_FLOPS`: every SmolLM2-sized linear; beyond
+  it the iterate, already better than the OBS start, is kept with a warning).
+
+Cost at 7B widths (``benchmarks/exact_solver_cost.py``, recorded in
+``benchmarks/results/exact_solver/exact_solver_cost.json``; synthetic Hessians of 2 x cols tokens,
+50% per-row masks, on two CPU cores that other jobs shared, so upper bounds of an unshared
+machine): 4096 x 4096 took about 350 s (16 CG steps, 75% of it; the factorizations of H and H^-1
+most of the rest) and 11008 x 4096 about 710 s (three row chunks, 48 steps in all, 91%). A CG
+step is two (rows x cols) @ (cols x cols) products, 2.7e11 flops for 4096 x 4096, so the cost is
+``factorization + OBS start + steps x 4 rows cols^2`` flops: bounded by ``max_iter`` steps (the
+direct fallback is not taken at these widths). Real Hessians can need more steps than these
+synthetic ones. What was sped up without changing any result (bit for bit, checked against the
+previous code): one product fewer before the first step (the objective's e H and the
+residual share it), and a caller that already has the OBS solution (SparseGPT's own, its
+``reconstruct_solver=exact``) passes it as ``start`` instead of recomputing it. Running the steps on
+one thread is 3-10x faster on small matrices when the cores are shared, but changes the last bits
+of the result, so it is not done.
 
 Dampening follows SparseGPT's reference (``damp`` times the mean of H's diagonal on every
 diagonal entry; an input that is always zero gets diagonal 1 first), so with the same ``damp``
@@ -39,6 +56,7 @@ not positive definite in float32 is retried with 10x more dampening, as
 from __future__ import annotations
 
 import logging
+import time
 from typing import Literal
 
 import torch
@@ -54,6 +72,12 @@ CHUNK_BYTES = 16 * 2**20
 # Bytes of one (rows x cols) float32 iterate of the conjugate gradients: rows beyond it are solved
 # in further chunks (rows are independent), so a 7B model's largest linear needs a few such copies.
 CG_CHUNK_BYTES = 64 * 2**20
+# Where the conjugate gradients have not converged after ``max_iter`` steps, the direct solve takes
+# over only while it costs at most about this many flops (sum over rows of k^3 / 3, k = the row's kept
+# count): every SmolLM2 linear (at most 9e10) stays under it, as before the bound; a 7B model's
+# 4096 x 4096 at 50% (1.2e13, hours on two cores) does not, and keeps the iterate, so one solve costs
+# at most ``max_iter`` steps.
+DIRECT_FALLBACK_FLOPS = 1e12
 
 
 def damped_hessian(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
@@ -65,18 +89,25 @@ def damped_hessian(hessian: Tensor, damp: float) -> tuple[Tensor, float]:
 
 def masked_least_squares(weight: Tensor, hessian: Tensor, mask: Tensor, *, damp: float = 0.01,
                          method: Literal["cg", "cholesky"] = "cg", tol: float = 1e-6, max_iter: int = 200,
-                         chunk_bytes: int = CHUNK_BYTES) -> Tensor:
+                         chunk_bytes: int = CHUNK_BYTES, start: Tensor | None = None,
+                         info: dict[str, float] | None = None) -> Tensor:
     """Kept weights of ``weight`` (rows, cols) re-solved exactly for ``mask`` (bool, True = pruned).
 
     ``hessian``: the (cols, cols) input Hessian. Returns a float32 tensor of the weight's shape, zero
     exactly where the mask is True. ``method``, ``tol``, ``max_iter``: see the module docstring;
-    ``chunk_bytes``: the direct solve's chunk of gathered systems."""
+    ``chunk_bytes``: the direct solve's chunk of gathered systems. ``start``: SparseGPT's OBS solution
+    for this mask and ``damp`` when the caller has it (the conjugate gradients' starting point,
+    otherwise computed here); it must be zero where the mask is True. ``info``: a dict that receives
+    where the time went (``factor_s``, ``start_s``, ``cg_s``, ``steps``: conjugate-gradient steps
+    summed over row chunks), for profiling."""
     rows, cols = weight.shape
     if mask.shape != weight.shape or mask.dtype != torch.bool:
         raise ValueError(f"mask must be bool of the weight's shape {tuple(weight.shape)}, "
                          f"got {mask.dtype} {tuple(mask.shape)}")
     if hessian.shape != (cols, cols):
         raise ValueError(f"the Hessian must be ({cols}, {cols}), got {tuple(hessian.shape)}")
+    if start is not None and start.shape != weight.shape:
+        raise ValueError(f"start must be of the weight's shape {tuple(weight.shape)}, got {tuple(start.shape)}")
     if method not in ("cg", "cholesky"):
         raise ValueError(f"method must be 'cg' or 'cholesky', got {method!r}")
     device = weight.device
@@ -86,44 +117,72 @@ def masked_least_squares(weight: Tensor, hessian: Tensor, mask: Tensor, *, damp:
     keep = ~mask
     if method == "cholesky":
         return _direct(w0, h, keep, lam, chunk_bytes)
+    clock = time.perf_counter()
     found = inverse_and_factor(h)  # H, H^-1 and the factor of H^-1: the (cols x cols) tensors kept
+    _add(info, "factor_s", clock)
     if found is None:
         log.info("the damped Hessian is not positive definite in float32; solving row by row directly")
         return _direct(w0, h, keep, lam, chunk_bytes)
     h_inv, factor = found
     out = torch.empty(rows, cols, dtype=torch.float32, device=device)
     step = max(1, CG_CHUNK_BYTES // (4 * cols))
-    for start in range(0, rows, step):
-        part = slice(start, start + step)
-        x0, _ = sparsegpt_prune(w0[part], hessian, Pattern(0.0), damp=damp, mask=mask[part], factor=factor)
-        solved = _conjugate_gradients(x0, w0[part], h, h_inv, keep[part], tol, max_iter)
-        if solved is None:
-            log.info("conjugate gradients did not converge in %d steps; solving %d rows directly", max_iter, x0.shape[0])
-            solved = _direct(w0[part], h, keep[part], lam, chunk_bytes)
+    for first in range(0, rows, step):
+        part = slice(first, first + step)
+        clock = time.perf_counter()
+        if start is not None:
+            x0 = start[part].to(device=device, dtype=torch.float32, copy=True).masked_fill_(mask[part], 0.0)
+        else:
+            x0, _ = sparsegpt_prune(w0[part], hessian, Pattern(0.0), damp=damp, mask=mask[part], factor=factor)
+        clock = _add(info, "start_s", clock)
+        solved, converged = _conjugate_gradients(x0, w0[part], h, h_inv, keep[part], tol, max_iter, info)
+        _add(info, "cg_s", clock)
+        if not converged:
+            kept = keep[part].sum(dim=1).double()
+            if float(kept.pow(3).sum()) / 3 <= DIRECT_FALLBACK_FLOPS:
+                log.info("conjugate gradients did not converge in %d steps; solving %d rows directly", max_iter,
+                         x0.shape[0])
+                solved = _direct(w0[part], h, keep[part], lam, chunk_bytes)
+            else:  # the direct solve would cost far more than the steps taken: keep the lowered iterate
+                log.warning("conjugate gradients did not converge in %d steps on %d rows of width %d; keeping their "
+                            "iterate (a lower calibration error than the OBS start, not the exact optimum)", max_iter,
+                            x0.shape[0], cols)
         out[part] = solved
     return out
 
 
+def _add(info: dict[str, float] | None, key: str, since: float) -> float:
+    """Add the seconds since ``since`` to ``info[key]`` (when profiling); returns the time now."""
+    now = time.perf_counter()
+    if info is not None:
+        info[key] = info.get(key, 0.0) + now - since
+    return now
+
+
 def _conjugate_gradients(x: Tensor, w0: Tensor, h: Tensor, h_inv: Tensor, keep: Tensor, tol: float,
-                         max_iter: int) -> Tensor | None:
+                         max_iter: int, info: dict[str, float] | None = None) -> tuple[Tensor, bool]:
     """Every row's H_KK x_K = (H w0)_K by CG from ``x`` (zero where pruned), preconditioned by
-    (H^-1)_KK; None when a step still lowered the objective by ``tol`` of it after ``max_iter`` steps.
+    (H^-1)_KK; returns the iterate and whether it converged (False: a step still lowered the
+    objective by ``tol`` of it after ``max_iter`` steps; the iterate is then still better than ``x``).
 
     With e = x - w0 the objective is sum over rows of e H e^T, and a step of length alpha along p
     lowers it by exactly alpha * (r . z) (r = the residual, z = the preconditioned residual), so the
     stopping test needs no extra product."""
     kf = keep.to(x.dtype)
-    residual = (w0 - x) @ h * kf  # (H w0 - H x)_K; zero where pruned
+    err = x - w0
+    eh = err @ h  # one product for both: the objective's e H and, negated (exactly), the residual's H (w0 - x)
+    objective = float((eh * err).sum())
+    del err
+    residual = eh.neg_().mul_(kf)  # (H w0 - H x)_K; zero where pruned
     z = residual @ h_inv * kf
     p = z.clone()
     rz = (residual * z).sum(dim=1, keepdim=True)
-    err = x - w0
-    objective = float(((err @ h) * err).sum())
     small = 0
     for _ in range(max_iter):
         if objective <= 0:
-            return x
+            return x, True
         hp = p @ h * kf
+        if info is not None:
+            info["steps"] = info.get("steps", 0) + 1
         php = (p * hp).sum(dim=1, keepdim=True)
         alpha = torch.where(php > 0, rz / php.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(php))
         lowered = float((alpha * rz).sum())
@@ -132,13 +191,13 @@ def _conjugate_gradients(x: Tensor, w0: Tensor, h: Tensor, h_inv: Tensor, keep: 
         objective -= lowered
         small = small + 1 if lowered <= tol * objective else 0
         if small == 2:
-            return x
+            return x, True
         z = residual @ h_inv * kf
         rz_next = (residual * z).sum(dim=1, keepdim=True)
         beta = torch.where(rz > 0, rz_next / rz.clamp_min(torch.finfo(x.dtype).tiny), torch.zeros_like(rz))
         p = z + beta * p
         rz = rz_next
-    return None
+    return x, False
 
 
 def _direct(w0: Tensor, h: Tensor, keep: Tensor, lam: float, chunk_bytes: int) -> Tensor:
