@@ -12,7 +12,7 @@ from torch import nn
 import llmprune
 from llmprune.engine.engine import run_layerwise
 from llmprune.errors import LLMPruneError
-from llmprune.methods.base import Method
+from llmprune.methods.base import Method, MethodOptions
 from llmprune.models.moe import ExpertLinear
 from llmprune.models.roles import Role
 from llmprune.models.view import model_view
@@ -113,7 +113,7 @@ class _Record(Method):
     summary = "test only"
 
     def __init__(self, stats: str) -> None:
-        super().__init__(Pattern(0.5), None)  # type: ignore[arg-type]
+        super().__init__(Pattern(0.5), MethodOptions())
         self.stats = stats  # type: ignore[misc]
         self.seen: dict[int, dict[str, object]] = {}
 
