@@ -30,15 +30,6 @@ from .moe_families import tiny_moe
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """Tiny models' many small ops run several times faster on one thread when the cores are shared."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def calib(n: int = 4, seqlen: int = 32, seed: int = 1, vocab: int = 96) -> torch.Tensor:
     return torch.randint(0, vocab, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 

@@ -33,16 +33,6 @@ from .conftest import ByteTokenizer, tiny_model
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread() -> Any:
-    """The solvers' many small products on tiny matrices run 3-10x faster on one thread when the
-    cores are shared (both sides of every comparison here run in the same setting)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def calib(n: int = 4, seqlen: int = 32, seed: int = 1) -> torch.Tensor:
     return torch.randint(0, 96, (n, seqlen), generator=torch.Generator().manual_seed(seed))
 
