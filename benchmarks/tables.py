@@ -527,10 +527,42 @@ def build_recipe_list() -> str:
     return markdown(["recipe", "what it runs"], rows)
 
 
+def build_best_presets() -> str:
+    """``--preset best``: each shipped preset with its row in the benchmark file that backs it, against our
+    Wanda (time, peak RSS) and the best llm-compressor row of that file at the same setting."""
+    sys.path.insert(0, str(REPO / "src"))
+    from llmprune.presets import best_presets, setting_of
+
+    rows = []
+    for setting, preset in sorted(best_presets().items()):
+        method = preset["method"]
+        request = {k: v for k, v in method.items() if k not in ("name", "sparsity", "pattern")}
+        runs = [r for r in json.loads((REPO / preset["benchmark"]).read_text())["runs"]
+                if setting_of({"pattern": r["pattern"], "sparsity": r.get("target", 0.5)}) == setting]
+        ours = next(r for r in runs if r["tool"] == "llmprune" and r["method"] == method["name"]
+                    and (r.get("request") or {}) == request)
+        wanda = next(r for r in runs if r["tool"] == "llmprune" and r["method"] == "wanda" and not r.get("request"))
+        peers = [r for r in runs if r["tool"] != "llmprune"]
+        peer = min(peers, key=lambda r: r["wikitext2"]["ppl"]) if peers else None
+        ppl = ours["wikitext2"]["ppl"]
+        vs_peer = (f"{peer['wikitext2']['ppl']:.2f} ({PEERS.get(peer['tool'], peer['tool'])} "
+                   f"{NAMES.get(peer['method'], peer['method'])}{' OWL' if (peer.get('request') or {}).get('profile') == 'owl' else ''}"
+                   f"), {ppl / peer['wikitext2']['ppl']:.3f}x" if peer else "no peer row in this file")
+        options = ", ".join(f"{k}={v}" for k, v in request.items())
+        rows.append([setting.replace("unstructured", "").replace("of", ":") + ("%" if "unstructured" in setting else ""),
+                     f"{NAMES.get(method['name'], method['name'])} ({options})", f"{ppl:.2f}",
+                     f"{wanda['wikitext2']['ppl']:.2f}", vs_peer,
+                     f"{ours['prune_s'] / wanda['prune_s']:.1f}x", f"{ours['peak_rss_mb'] / wanda['peak_rss_mb']:.2f}x",
+                     f"`{preset['benchmark'].removeprefix('benchmarks/results/')}`"])
+    return markdown(["setting", "preset", "ppl", "our Wanda", "best peer row, ratio", "time vs Wanda",
+                     "peak RSS vs Wanda", "backed by"], rows)
+
+
 # ----------------------------------------------------------------------------- index and regions
 
 
-GENERATED: dict[str, Callable[[], str]] = {"recipe-fields": build_recipe_fields, "recipes": build_recipe_list}
+GENERATED: dict[str, Callable[[], str]] = {"recipe-fields": build_recipe_fields, "recipes": build_recipe_list,
+                                           "best-presets": build_best_presets}
 
 
 @dataclass

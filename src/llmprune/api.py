@@ -525,14 +525,16 @@ def _load_checked(plan: _Plan, model: Any, tokenizer: Any) -> tuple[Any, Any, Mo
 
 
 def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Path | dict[str, Any] | None = None,
-          progress: bool = False, announce: Callable[[Any], None] | None = None, **kwargs: Any) -> PruneResult:
+          progress: bool = False, announce: Callable[[Any], None] | None = None, preset: str | None = None,
+          **kwargs: Any) -> PruneResult:
     """Prune a model in one shot and (optionally) evaluate and save it.
 
     ``model`` is a name (Hub id, folder, ``.gguf`` file, ``smollm2-135m``) or an in-memory
     ``PreTrainedModel`` (then pass ``tokenizer``). Keyword arguments mirror the CLI flags
     (``method``, ``sparsity``, ``pattern``, ``calib_dataset``, ``nsamples``, ``seqlen``, ``seed``,
     ``eval``, ``eval_seqlen``, ``eval_windows``, ``tasks``, ``limit``, ``data_dir``, ``output``,
-    ``overwrite``) and ``method_options={...}`` sets method fields. Everything is validated before
+    ``overwrite``) and ``method_options={...}`` sets method fields; ``preset`` ("best", "faithful";
+    :mod:`llmprune.presets`) fills in the method's options under them. Everything is validated before
     any work is done. ``announce`` receives the plan (:class:`llmprune.planning.PlanSummary`) once
     everything is checked, before the model is loaded.
     """
@@ -540,7 +542,7 @@ def prune(model: Any = None, *, tokenizer: Any = None, recipe: Recipe | str | Pa
     in_memory = model is not None and not isinstance(model, (str, Path))
     if model is not None and not in_memory:
         kwargs["model"] = str(model)
-    rec = build_recipe(_base_recipe(recipe), fields_from_kwargs(kwargs))
+    rec = build_recipe(_base_recipe(recipe), fields_from_kwargs(kwargs), preset=preset)
     if isinstance(recipe, (str, Path)):
         from .io.rerun import check_rerun
 

@@ -357,6 +357,10 @@ def prune(
                                        "to re-run; flags and --set override it", show_default="none"),
     set_: list[str] | None = typer.Option(None, "--set", help="override any recipe field: key=value, e.g. "
                                           "method.block_size=64 (repeatable)", show_default="none"),
+    preset: str | None = typer.Option(None, "--preset", help="best: the lowest-perplexity configuration measured "
+                                      "for --sparsity / --pattern (chooses the method); faithful: --method as its "
+                                      "released code runs it. Flags and --set override its options",
+                                      show_default="none"),
     dtype: str | None = opt_dtype(),
     device: str | None = opt_device(),
     batch_size: int | None = typer.Option(None, "--batch-size", help="calibration windows per forward",
@@ -378,13 +382,17 @@ def prune(
     from .api import prune as api_prune
     from .recipe import build_recipe, load_recipe_dict, parse_set
 
+    if preset is not None:
+        from .presets import check_name
+
+        check_name(preset)
     base = load_recipe_dict(recipe) if recipe else {}
     overrides = parse_set(set_)
     missing = [flag for key, flag, value in (("model.name", "--model", model), ("method.name", "--method", method))
-               if not _given(key, base, value, overrides)]
+               if not _given(key, base, value, overrides) and not (key == "method.name" and preset == "best")]
     if missing:
         raise LLMPruneError(f"{' and '.join(missing)} required: say what to prune and how, e.g. --model smollm2-135m "
-                            f"--method wanda (methods: {', '.join(METHOD_NAMES)})")
+                            f"--method wanda (methods: {', '.join(METHOD_NAMES)}), or --preset best to use the best measured method")
     flags = {
         "model": model, "method": method, "sparsity": sparsity, "pattern": pattern, "output": output,
         "calib_dataset": calib_dataset, "nsamples": nsamples, "seqlen": seqlen, "seed": seed,
@@ -393,7 +401,7 @@ def prune(
         "batch_size": batch_size, "tasks": tasks, "limit": limit, "stream": stream,
         "uniform": uniform or None, "round_to": round_to,
     }
-    rec = build_recipe(base, fields_from_kwargs(flags), overrides)
+    rec = build_recipe(base, fields_from_kwargs(flags), overrides, preset=preset)
     if recipe:
         from .io.rerun import check_rerun
 

@@ -143,14 +143,20 @@ def build_recipe(
     base: dict[str, Any] | None = None,
     fields: dict[str, Any] | None = None,
     overrides: list[tuple[str, Any]] | None = None,
+    preset: str | None = None,
 ) -> Recipe:
-    """Merge a recipe dict, dotted ``fields`` (None values are skipped) and ``--set`` overrides."""
+    """Merge a recipe dict, dotted ``fields`` (None values are skipped) and ``--set`` overrides; a
+    ``preset`` (:mod:`llmprune.presets`) fills in the method section under all of them."""
     data: dict[str, Any] = _deep_copy(base or {})
     for key, value in (fields or {}).items():
         if value is not None:
             set_path(data, key, value)
     for key, value in overrides or []:
         set_path(data, key, value)
+    if preset is not None:
+        from .presets import apply_preset
+
+        data = apply_preset(preset, data)
     try:
         return Recipe.model_validate(data)
     except ValidationError as exc:

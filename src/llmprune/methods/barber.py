@@ -110,7 +110,7 @@ from ..sparsity.patterns import Pattern
 from ..sparsity.rebuild import NM_GRANULARITIES, counting, rebuild_mask
 from ..sparsity.reconstruct import reconstruct
 from . import faithful, magnitude, sparsegpt, wanda  # noqa: F401  (the initializers must be registered)
-from .base import METHODS, AllocationOptions, Method, MethodOptions, zero_fraction
+from .base import METHODS, AllocationOptions, Method, MethodOptions, ReconstructOptions, zero_fraction
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,10 @@ GRAD_DTYPE = torch.float32  # the dense sub-block copy and its gradients
 _KINDS = {"attn": (Role.ATTN_IN, Role.ATTN_OUT), "mlp": (Role.MLP_IN, Role.MLP_OUT)}
 
 
-class BarberOptions(AllocationOptions):
+class BarberOptions(ReconstructOptions, AllocationOptions):
+    """Barber's options; ``reconstruct`` / ``reconstruct_solver`` re-solve the kept weights for the rebuilt mask
+    (the step Wanda and magnitude share, :class:`ReconstructOptions`)."""
+
     init: Literal["magnitude", "wanda", "sparsegpt"] = Field("wanda", description="initial pruner")
     ratio: float = Field(0.01, ge=0.0, le=1.0, description="fraction of the beneficial swaps applied")
     granularity: Literal["block", "layer", "output", "input"] = Field(
@@ -129,12 +132,6 @@ class BarberOptions(AllocationOptions):
         "auto", description="N:M only: reference = the paper's rule; paired = swap the best pruned and "
         "the worst kept weight of one M-group, only where that raises the score (an llmprune extension); "
         "auto (the default) = reference at output granularity, paired at layer and block")
-    reconstruct: bool = Field(False, description="after rebuilding, re-solve the kept weights for the rebuilt mask by "
-                              "SparseGPT's OBS updates from the dense weights and each linear's input Hessian "
-                              "(an llmprune extension)")
-    reconstruct_solver: Literal["obs", "exact"] = Field(
-        "obs", description="reconstruct only: obs = SparseGPT's column-by-column OBS updates; exact = one least-squares "
-        "solve per output row for its kept weights (never a larger calibration error; O(rows * k^3))")
     guard: bool = Field(False, description="keep the initializer's sub-block when rebuilding raises its calibration "
                         "reconstruction error (an llmprune extension)")
     order: Literal["reference", "layer"] = Field(
@@ -164,7 +161,8 @@ class BarberOptions(AllocationOptions):
             data = {**data, "nm_rule": "paired" if granularity in ("layer", "block") else "reference"}
         return data
 
-    faithful_form = ("barber", {"order": "reference", "swap_count": "float32", "guard": False, "reconstruct": False})
+    faithful_form = ("barber", {"order": "reference", "swap_count": "float32", "guard": False, "reconstruct": False,
+                              "allocation": "uniform"})
 
     @model_validator(mode="before")
     @classmethod

@@ -36,7 +36,8 @@ class SparseGPTOptions(AllocationOptions, SequentialOptions):
     faithful: bool = Field(False, description="the released code (IST-DASLab/sparsegpt 147d215): matrix scope, "
                            "reference block count, dead columns zeroed")
 
-    faithful_form = ("sparsegpt", {"scope": "matrix", "block_count": "reference", "dead_columns": "zero", "sequential": "layer"})
+    faithful_form = ("sparsegpt", {"scope": "matrix", "block_count": "reference", "dead_columns": "zero", "sequential": "layer",
+                                  "allocation": "uniform", "reconstruct_solver": "obs"})
 
 
 @METHODS.register("sparsegpt")

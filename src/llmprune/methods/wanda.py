@@ -22,7 +22,7 @@ class WandaOptions(ReconstructOptions, AllocationOptions, SequentialOptions):
     faithful: bool = Field(False, description="the released code (locuslab/wanda 8e8fc87): per-row scope, layer-wise "
                            "calibration; our defaults already are, bit for bit")
 
-    faithful_form = ("wanda", {"scope": "row", "sequential": "layer"})
+    faithful_form = ("wanda", {"scope": "row", "sequential": "layer", "allocation": "uniform", "reconstruct": False})
 
 
 @METHODS.register("wanda")
