@@ -300,7 +300,9 @@ def main() -> None:
                 else:
                     solvers = [r for r in args.reconstructs.split(",") if method != "sparsegpt" or r != "obs"]
                     for rec in solvers:
-                        extra = {} if rec == "none" else {"reconstruct": True, "reconstruct_solver": rec}
+                        # SparseGPT reconstructs by itself: reconstruct_solver alone chooses how
+                        extra = ({} if rec == "none" else {"reconstruct_solver": rec} if method == "sparsegpt"
+                                 else {"reconstruct": True, "reconstruct_solver": rec})
                         for options in (extra | a for a in allocations):
                             done("llmprune", method, pattern, options, target) or record(
                                 ours(args, work, method, pattern, options, target))
