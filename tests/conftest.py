@@ -57,14 +57,17 @@ def tiny_model(family: str, seed: int = 0, **overrides: object) -> torch.nn.Modu
 
 
 @pytest.fixture(autouse=True)
-def one_thread(request: pytest.FixtureRequest):  # type: ignore[no-untyped-def]
+def one_thread(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Every test but the real-model (``slow``) ones runs on one torch thread, restored after: tiny
     models' many small ops run 3-10x faster on one thread than on two when the cores are shared
     (tests/test_layerwise.py 216 s -> 22 s on the two CI cores). Both sides of every comparison in a
-    test run in the same setting. Subprocesses a test starts keep their own default."""
+    test run in the same setting, subprocesses included: OMP_NUM_THREADS=1 is set for the Python
+    processes a test starts, so a CLI run and the in-process run it is compared with agree bit for bit
+    (SparseGPT's Hessian inverse differs in the last bits between one and two threads)."""
     threads = torch.get_num_threads()
     if request.node.get_closest_marker("slow") is None:
         torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
     torch.set_num_threads(threads)
 
