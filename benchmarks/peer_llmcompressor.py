@@ -169,6 +169,43 @@ def write_json_atomic(path: Path, data: dict) -> None:
         raise
 
 
+def _patch_owl_calibration() -> str:
+    """llm-compressor 0.14's OWL profile cannot run: its modifier's on_initialize collects the
+    activation norms through ``pipelines.basic.run_calibration``, whose BasicPipeline fires
+    ``calibration_start`` while the session is still initializing (ValueError: "Cannot invoke event
+    before initializing"). We replace only that helper, for the OWL statistics pass, by the same
+    forward loop without the lifecycle events: llm-compressor's own hooks, activation norms and OWL
+    formula (``_infer_owl_layer_sparsity``) are used unchanged, and the pruning pass is untouched.
+    A second bug follows it: that method returns a dict {layer name: sparsity}, which
+    ``on_calibration_start`` (matching only a list per layer) hands whole to every module as its
+    sparsity (TypeError in sparsify_weight); we give it the same values as the list in layer order
+    it expects (the dict's order is the order of the target layers)."""
+    import llmcompressor.pipelines.basic as basic
+    import torch
+    from llmcompressor.modifiers.pruning.sparsegpt.sgpt_base import SparsityModifierBase
+    from llmcompressor.utils.helpers import calibration_forward_context
+
+    infer = SparsityModifierBase._infer_owl_layer_sparsity
+
+    def infer_as_list(self, model, layers, dataloader):  # type: ignore[no-untyped-def]
+        sparsities = infer(self, model, layers, dataloader)
+        if list(sparsities) != list(layers):
+            raise SystemExit("error: llm-compressor's OWL sparsities are not in the order of the target layers")
+        return list(sparsities.values())
+
+    SparsityModifierBase._infer_owl_layer_sparsity = infer_as_list
+
+    def run_calibration(model, dataloader) -> None:
+        with calibration_forward_context(model), torch.no_grad():
+            for batch in dataloader:
+                model(**batch)
+
+    basic.run_calibration = run_calibration
+    return ("llmcompressor.pipelines.basic.run_calibration replaced for the OWL statistics pass by the same "
+            "forward loop without lifecycle events (0.14 raises 'Cannot invoke event before initializing'); "
+            "its per-layer OWL sparsities passed as the list in layer order its hooks expect (0.14 passes the dict)")
+
+
 def has_tokenizer(model_dir: Path) -> bool:
     return any((model_dir / f).exists() for f in
                ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
@@ -239,6 +276,9 @@ def main(argv=None) -> int:
         # owl_m is an int field in llm-compressor 0.14 (OWL's M is 5, 7, ... in the paper)
         owl_m = int(args.owl_m) if float(args.owl_m).is_integer() else args.owl_m
         modifier_args.update(sparsity_profile="owl", owl_m=owl_m, owl_lmbda=args.owl_lambda)
+    owl_workaround = None
+    if args.profile == "owl":
+        owl_workaround = _patch_owl_calibration()
     if args.method == "sparsegpt":
         modifier_args.update(block_size=128, dampening_frac=0.01,
                              preserve_sparsity_mask=False, offload_hessians=False)
@@ -283,6 +323,7 @@ def main(argv=None) -> int:
         "sparsity": args.sparsity,
         "pattern": args.pattern,
         "profile": args.profile,
+        "owl_workaround": owl_workaround,
         "modifier": type(modifier).__name__,
         "modifier_args": modifier_args,
         "oneshot_args": oneshot_args,

@@ -190,6 +190,8 @@ def main() -> None:
                     help="only these ratios of --barber-sweep (comma-separated, from the sweep's own)")
     ap.add_argument("--barber-inits", default="magnitude,wanda,sparsegpt",
                     help="only the Barber runs over these initializers (comma-separated; the sweep is over Wanda)")
+    ap.add_argument("--barber-ratios", default=None,
+                    help="only the Barber runs (presets, extras, reconstruct, exact) with these ratios (comma-separated)")
     ap.add_argument("--peer-methods", default="wanda,sparsegpt", help="llm-compressor runs beside ours")
     ap.add_argument("--no-peer", action="store_true")
     ap.add_argument("--peer-python", type=Path, default=REPO / ".venv-peer" / "bin" / "python")
@@ -213,6 +215,10 @@ def main() -> None:
     methods = args.methods.split(",")
     patterns = args.patterns.split(",")
     barber_inits = args.barber_inits.split(",")
+    try:
+        barber_ratios = None if args.barber_ratios is None else {float(r) for r in args.barber_ratios.split(",")}
+    except ValueError:
+        ap.error(f"--barber-ratios: {args.barber_ratios!r} is not a comma-separated list of numbers, e.g. 0.1,0")
     use_peer = not args.no_peer and args.peer_python.exists()
     old = json.loads(args.output.read_text()) if args.resume and args.output.is_file() else None
     if old is not None:  # the processor is checked before any work, the protocol once it is known (below)
@@ -294,7 +300,8 @@ def main() -> None:
                     todo += BARBER_EXTRAS[kind] if "extras" in configs else []
                     todo += BARBER_RECONSTRUCT[kind] if "reconstruct" in configs else []
                     todo += BARBER_EXACT[kind] if "exact" in configs else []
-                    for options in (o | a for o in todo if o["init"] in barber_inits for a in allocations):
+                    for options in (o | a for o in todo if o["init"] in barber_inits
+                                    and (barber_ratios is None or o["ratio"] in barber_ratios) for a in allocations):
                         done("llmprune", "barber", pattern, options, target) or record(
                             ours(args, work, "barber", pattern, options, target))
                 else:

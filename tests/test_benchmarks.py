@@ -91,6 +91,23 @@ def test_unstructured_benchmark_runs_only_the_sweep_cells_asked(tmp_path: Path) 
     assert runs == [("wanda", None, None), ("barber", "layer", 0.1), ("barber", "block", 0.1)]
 
 
+def test_unstructured_benchmark_barber_ratios_select_the_runs(tmp_path: Path) -> None:
+    """``--barber-ratios`` keeps only the Barber runs with those ratios; a value that is not a number is
+    refused before any work."""
+    bad = unstructured("--barber-ratios", "0.1,abc", "--output", str(tmp_path / "bad.json"), timeout=120)
+    assert bad.returncode == 2 and "--barber-ratios: '0.1,abc' is not a comma-separated list" in bad.stderr
+    assert not (tmp_path / "bad.json").exists()
+    out = tmp_path / "out.json"
+    proc = unstructured("--no-peer", "--model", str(save_tiny(tmp_path / "model")), "--methods", "barber", "--patterns",
+                        "2:4", "--barber-configs", "extras,reconstruct", "--barber-inits", "wanda", "--barber-ratios",
+                        "0.01", "--nsamples", "1", "--seqlen", "16", "--eval-windows", "1", "--output", str(out),
+                        "--workdir", str(tmp_path / "work"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    runs = [(r["method"], r["request"].get("init"), r["request"].get("ratio"), r["request"].get("reconstruct"))
+            for r in json.loads(out.read_text())["runs"]]
+    assert runs == [("barber", "wanda", 0.01, True)]
+
+
 def test_recovery_benchmark_resume_refuses_another_protocol(tmp_path: Path) -> None:
     """Rows trained on other text (or any other setting but the variants) are not resumed into."""
     out = tmp_path / "out.json"
