@@ -147,7 +147,8 @@ def peer(args: argparse.Namespace, work: Path, method: str, pattern: str, calib_
     return {"tool": "llmcompressor", "method": method, "pattern": pattern, "target": target, "request": request,
             "options": rep.get("modifier_args"), "layer_zero_fractions": rep.get("layer_zero_fractions"),
             "prune_s": rep["prune_seconds"], "process_cpu_s": cpu_s, "peak_rss_mb": rep["peak_rss_mb"], "sparsity": rep.get("zero_fraction"),
-            "versions": {k: v for k, v in rep.items() if k.endswith("version") or k == "versions"}, "folder": str(out)}
+            "versions": {k: v for k, v in rep.items() if k.endswith("version") or k == "versions"}, "folder": str(out),
+            **({"owl_workaround": rep["owl_workaround"]} if rep.get("owl_workaround") else {})}
 
 
 def refuse_resume(output: Path, what: str) -> None:
