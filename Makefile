@@ -32,11 +32,18 @@ demo: setup
 		--eval wikitext2 --eval-seqlen 2048 --eval-windows 8 \
 		--output runs/demo-smollm2-wanda50 --overwrite
 
+# The tests run in TEST_WORKERS processes (pytest-xdist; default: the CPUs this process may use, at
+# most 8), one module per worker at a time, the real-model modules first (tests/conftest.py), every
+# test on one torch thread. TEST_WORKERS=0: one process (the real-model tests then use every thread).
+TEST_WORKERS ?= $(shell python3 -c "import os; print(min(8, len(os.sched_getaffinity(0))))" 2>/dev/null || echo 1)
+PYTEST := LLMPRUNE_DATA_DIR=$(DATA_DIR) $(VENV)/bin/pytest -q --durations=15 \
+	$(if $(filter 0 1,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder)
+
 test: setup
-	LLMPRUNE_DATA_DIR=$(DATA_DIR) $(VENV)/bin/pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	LLMPRUNE_DATA_DIR=$(DATA_DIR) $(VENV)/bin/pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks

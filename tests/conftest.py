@@ -56,6 +56,32 @@ def tiny_model(family: str, seed: int = 0, **overrides: object) -> torch.nn.Modu
     return model.eval()
 
 
+# The modules that take longest (the real SmolLM2), in the order make test's workers should start
+# them: under pytest-xdist (--dist loadscope --no-loadscope-reorder) a worker takes one module at a
+# time in collection order, so the long ones start first and the tiny-model modules fill in behind.
+LONGEST_FIRST = ("test_smollm2.py", "test_smollm2_nm.py", "test_smollm2_structured.py", "test_readme.py",
+                 "test_recovery.py", "test_export.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest keep their order
+
+
+def parallel_workers() -> int:
+    """How many pytest-xdist workers share the machine (1 without xdist)."""
+    return int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist with several workers, each worker runs on one torch thread from the start:
+    module-scoped fixtures (the real-model runs) are set up before :func:`one_thread`, and two
+    workers of two threads each on two cores ran them 4-12x slower than one thread each."""
+    if parallel_workers() > 1:
+        torch.set_num_threads(1)
+        os.environ["OMP_NUM_THREADS"] = "1"
+
+
 @pytest.fixture(autouse=True)
 def one_thread(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
     """Every test but the real-model (``slow``) ones runs on one torch thread, restored after: tiny
@@ -63,9 +89,11 @@ def one_thread(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     (tests/test_layerwise.py 216 s -> 22 s on the two CI cores). Both sides of every comparison in a
     test run in the same setting, subprocesses included: OMP_NUM_THREADS=1 is set for the Python
     processes a test starts, so a CLI run and the in-process run it is compared with agree bit for bit
-    (SparseGPT's Hessian inverse differs in the last bits between one and two threads)."""
+    (SparseGPT's Hessian inverse differs in the last bits between one and two threads). Under
+    pytest-xdist with several workers (make test) the slow tests run on one thread too: the workers
+    already share the cores, and a second thread per worker would only wait at OpenMP barriers."""
     threads = torch.get_num_threads()
-    if request.node.get_closest_marker("slow") is None:
+    if request.node.get_closest_marker("slow") is None or parallel_workers() > 1:
         torch.set_num_threads(1)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
