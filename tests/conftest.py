@@ -90,10 +90,11 @@ def one_thread(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch):
     test run in the same setting, subprocesses included: OMP_NUM_THREADS=1 is set for the Python
     processes a test starts, so a CLI run and the in-process run it is compared with agree bit for bit
     (SparseGPT's Hessian inverse differs in the last bits between one and two threads). Under
-    pytest-xdist with several workers (make test) the slow tests run on one thread too: the workers
-    already share the cores, and a second thread per worker would only wait at OpenMP barriers."""
+    pytest-xdist with several workers (make test) the slow tests run on one thread too, set for the
+    whole worker by :func:`pytest_configure`: the workers already share the cores, and a second
+    thread per worker would only wait at OpenMP barriers."""
     threads = torch.get_num_threads()
-    if request.node.get_closest_marker("slow") is None or parallel_workers() > 1:
+    if request.node.get_closest_marker("slow") is None:
         torch.set_num_threads(1)
         monkeypatch.setenv("OMP_NUM_THREADS", "1")
     yield
